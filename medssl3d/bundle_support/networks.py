@@ -1,0 +1,74 @@
+"""Segmentation networks for the segmentation bundle, chosen by one ``arch`` name.
+
+The bundle's ``network_def`` calls :func:`build_segmentation_network`, so switching a Swin encoder for a
+ViT encoder is one override (``--arch unetr``) instead of a second block of network arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from monai.networks.nets import UNETR, SwinUNETR
+from torch import nn
+
+ARCHS = ("swinunetr", "unetr")
+DEFAULT_FEATURE_SIZE = 48
+DEFAULT_VIT_HIDDEN_SIZE = 768
+DEFAULT_VIT_MLP_DIM = 3072
+DEFAULT_VIT_NUM_HEADS = 12
+
+
+def build_segmentation_network(
+    arch: str,
+    *,
+    in_channels: int,
+    out_channels: int,
+    feature_size: int = DEFAULT_FEATURE_SIZE,
+    img_size: Sequence[int] | None = None,
+    vit_hidden_size: int = DEFAULT_VIT_HIDDEN_SIZE,
+    vit_mlp_dim: int = DEFAULT_VIT_MLP_DIM,
+    vit_num_heads: int = DEFAULT_VIT_NUM_HEADS,
+    use_checkpoint: bool = False,
+) -> nn.Module:
+    """Build a MONAI 3D segmentation network mapping ``(B, in_channels, D, H, W)`` to ``(B, out_channels, D, H, W)``.
+
+    Args:
+        arch: ``"swinunetr"`` (MONAI ``SwinUNETR``; D, H, W divisible by 32) or ``"unetr"`` (MONAI ``UNETR``
+            for ViT encoders; input must be exactly ``img_size``, patch size 16).
+        in_channels: input channels (1 for CT / single-sequence MRI).
+        out_channels: classes including background.
+        feature_size: SwinUNETR embedding size (12 / 24 / 48 for tiny / small / base) or UNETR decoder width.
+        img_size: UNETR input size ``(D, H, W)``; required for ``"unetr"``, unused for ``"swinunetr"``.
+        vit_hidden_size: UNETR ViT width; must match the pretrained ViT encoder.
+        vit_mlp_dim: UNETR ViT MLP width.
+        vit_num_heads: UNETR ViT attention heads.
+        use_checkpoint: SwinUNETR gradient checkpointing (saves memory on large ROIs).
+
+    Returns:
+        The network (on CPU).
+
+    Raises:
+        ValueError: unknown ``arch``, or ``"unetr"`` without ``img_size``.
+    """
+    if arch == "swinunetr":
+        return SwinUNETR(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            feature_size=feature_size,
+            use_checkpoint=use_checkpoint,
+            spatial_dims=3,
+        )
+    if arch == "unetr":
+        if img_size is None:
+            raise ValueError("arch='unetr' needs img_size (the ROI size the ViT encoder was built for)")
+        return UNETR(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            img_size=tuple(img_size),
+            feature_size=feature_size,
+            hidden_size=vit_hidden_size,
+            mlp_dim=vit_mlp_dim,
+            num_heads=vit_num_heads,
+            spatial_dims=3,
+        )
+    raise ValueError(f"arch={arch!r} is not one of {ARCHS}")

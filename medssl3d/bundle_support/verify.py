@@ -1,0 +1,105 @@
+"""Offline checks of a MONAI bundle folder: files, metadata schema, network input/output, label count."""
+
+from __future__ import annotations
+
+import logging
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
+
+logger = logging.getLogger(__name__)
+
+META_SCHEMA = Path(str(files("medssl3d.resources").joinpath("meta_schema.json")))
+REQUIRED_FILES = (
+    "configs/metadata.json",
+    "configs/train.json",
+    "configs/multi_gpu_train.json",
+    "configs/smoke.json",
+    "docs/README.md",
+    "LICENSE",
+)
+INFERENCE_CONFIG = "configs/inference.json"
+TRAIN_CONFIG = "configs/train.json"
+METADATA = "configs/metadata.json"
+CHANNEL_DEF_ID = "_meta_#network_data_format#outputs#pred#channel_def"
+NUM_CLASSES_ID = "num_classes"
+NETWORK_ID = "network_def"
+
+
+def verify_bundle(
+    bundle_dir: str | Path,
+    *,
+    schema: str | Path = META_SCHEMA,
+    check_network: bool = True,
+    device: str | None = None,
+    network_overrides: dict[str, Any] | None = None,
+) -> list[str]:
+    """List what is wrong with a bundle; an empty list means it passed every check.
+
+    Checks, in order: the files every medssl3d bundle ships (``REQUIRED_FILES``) exist and its JSON configs
+    parse; ``metadata.json`` is valid against ``schema`` (MONAI ``verify_metadata`` with the local schema
+    file, so nothing is downloaded); a ``num_classes`` in ``train.json`` equals the number of classes in
+    the metadata ``channel_def``; and, for bundles with ``inference.json``, MONAI ``verify_net_in_out``
+    runs ``network_def`` on a fake input shaped as the metadata says.
+
+    Args:
+        bundle_dir: the bundle root (holding ``configs/``).
+        schema: JSON Schema file for the metadata (default: the copy shipped in ``medssl3d.resources``).
+        check_network: run ``verify_net_in_out`` when ``inference.json`` exists.
+        device: device for the network check (default: ``cuda:0`` if available, else ``cpu``).
+        network_overrides: config id-value pairs for the network check (e.g. ``{"feature_size": 12}``
+            to keep it fast).
+
+    Returns:
+        One line per problem, each naming the file it concerns.
+    """
+    root = Path(bundle_dir)
+    problems = [f"{root / name}: missing" for name in REQUIRED_FILES if not (root / name).is_file()]
+    for config in sorted((root / "configs").glob("*.json")):
+        try:
+            ConfigParser.load_config_file(config)
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            problems.append(f"{config}: not valid JSON ({e})")
+    if problems:
+        return problems
+
+    meta_file = root / METADATA
+    try:
+        verify_metadata(meta_file=str(meta_file), filepath=str(schema), create_dir=False)
+    except ValueError as e:
+        problems.append(f"{meta_file}: {e}")
+        return problems
+
+    problems += _check_num_classes(root)
+    inference = root / INFERENCE_CONFIG
+    if check_network and inference.is_file():
+        try:
+            verify_net_in_out(
+                net_id=NETWORK_ID,
+                meta_file=str(meta_file),
+                config_file=str(inference),
+                device=device or ("cuda:0" if torch.cuda.is_available() else "cpu"),
+                **(network_overrides or {}),
+            )
+        except (ValueError, KeyError, RuntimeError) as e:
+            problems.append(f"{inference}: network input/output check failed ({e})")
+    for problem in problems:
+        logger.warning(problem)
+    return problems
+
+
+def _check_num_classes(root: Path) -> list[str]:
+    """``num_classes`` of train.json (when it has one) must equal the metadata's channel count."""
+    parser = ConfigParser()
+    parser.read_config(root / TRAIN_CONFIG)
+    parser.read_meta(root / METADATA)
+    if NUM_CLASSES_ID not in parser or CHANNEL_DEF_ID not in parser:
+        return []
+    num_classes = parser.get_parsed_content(NUM_CLASSES_ID)
+    channel_def = parser.get_parsed_content(CHANNEL_DEF_ID)
+    if num_classes != len(channel_def):
+        return [f"{root / TRAIN_CONFIG}: num_classes={num_classes} but metadata channel_def has {len(channel_def)}"]
+    return []

@@ -1,0 +1,265 @@
+"""Hand a pretrained encoder to MONAI ``SwinUNETR`` / ``UNETR``: export, save, load with counts.
+
+A pretraining checkpoint is ``{"method": name, "backbone": name, "model": method_state_dict, ...}``;
+the student backbone's tensors live in ``"model"`` under :data:`STUDENT_BACKBONE_PREFIX`, and
+a backbone's own keys are the wrapped MONAI network's keys under ``net.`` (see
+:mod:`medssl3d.networks.backbones`), so export is a prefix rewrite and loading counts names and
+shapes instead of trusting ``strict=False``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from medssl3d.networks.backbones import EXPORT_TARGETS, NET_PREFIX, to_target_keys
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "STUDENT_BACKBONE_PREFIX",
+    "LoadReport",
+    "export_weights",
+    "load_pretrained",
+    "load_pretrained_into",
+    "save_weights",
+]
+
+STUDENT_BACKBONE_PREFIX = "student.backbone."
+"""Where an ``SSLMethod``'s state dict keeps the student backbone (``method.student.backbone``)."""
+CHECKPOINT_MODEL_KEY = "model"
+"""The key of a pretraining checkpoint that holds the method's state dict."""
+MAX_LISTED_KEYS = 5
+"""How many offending keys an error message quotes before summarising the rest."""
+
+WeightsLike = str | os.PathLike | Mapping[str, Tensor]
+
+
+def _load_file(path: str | os.PathLike) -> Mapping:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights file {str(path)!r} does not exist")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"weights file {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def _infer_target(keys: list[str]) -> str:
+    """Target of already-exported keys, or of backbone keys (``net.*``)."""
+    for name, spec in EXPORT_TARGETS.items():
+        if any(k.startswith(spec.encoder_prefix) for k in keys):
+            return name
+    backbone_keys = [k[len(NET_PREFIX) :] for k in keys if k.startswith(NET_PREFIX)]
+    if any(k.startswith(EXPORT_TARGETS["swinunetr"].encoder_prefix) for k in backbone_keys):
+        return "swinunetr"
+    if backbone_keys:
+        return "unetr"
+    raise ValueError(
+        "cannot tell which network these weights belong to: no 'swinViT.', 'vit.' or backbone 'net.' keys "
+        f"(first keys: {keys[:MAX_LISTED_KEYS]})"
+    )
+
+
+def export_weights(checkpoint_or_state: WeightsLike, target: str | None = None) -> dict[str, Tensor]:
+    """Target-keyed encoder weights from a checkpoint or a state dict.
+
+    Args:
+        checkpoint_or_state: a path to a pretraining checkpoint or a saved state dict (read
+            with ``weights_only=True``), or an in-memory dict: a checkpoint
+            (``{"model": method_state, ...}``), a method state dict (student backbone under
+            ``student.backbone.``), a backbone state dict (``net.*``), or an already exported
+            dict (``swinViT.*`` / ``vit.*``, passed through).
+        target: ``"swinunetr"`` or ``"unetr"``; ``None`` infers it from the keys.
+
+    Returns:
+        A state dict loadable into MONAI ``SwinUNETR`` (``swinViT.*`` [+ ``encoder*``/``decoder*``])
+        or ``UNETR`` (``vit.*``); never SwinUNETR's ``out.`` conv.
+
+    Raises:
+        ValueError: for a missing/unreadable file, unrecognisable keys, or weights of the other family.
+    """
+    state = (
+        _load_file(checkpoint_or_state)
+        if isinstance(checkpoint_or_state, (str, os.PathLike))
+        else checkpoint_or_state
+    )
+    if CHECKPOINT_MODEL_KEY in state and isinstance(state[CHECKPOINT_MODEL_KEY], Mapping):
+        state = state[CHECKPOINT_MODEL_KEY]
+    if any(k.startswith(STUDENT_BACKBONE_PREFIX) for k in state):
+        state = {
+            k[len(STUDENT_BACKBONE_PREFIX) :]: v
+            for k, v in state.items()
+            if k.startswith(STUDENT_BACKBONE_PREFIX)
+        }
+    keys = list(state)
+    inferred = _infer_target(keys)
+    if target is None:
+        target = inferred
+    elif target not in EXPORT_TARGETS:
+        raise ValueError(f"unknown export target {target!r}; expected one of {sorted(EXPORT_TARGETS)}")
+    elif target != inferred:
+        raise ValueError(f"weights are for {inferred!r}, not for target {target!r}")
+    spec = EXPORT_TARGETS[target]
+    if any(k.startswith(spec.encoder_prefix) for k in keys):  # already exported
+        return {k: v.detach().cpu() for k, v in state.items() if not k.startswith("out.")}
+    return to_target_keys(state, target)
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_pretrained` loaded, counted by name and shape.
+
+    Attributes:
+        matched: tensors loaded (same name and shape in source and target).
+        total_target: tensors in the target's state dict.
+        missing_encoder: encoder keys (``swinViT.`` / ``vit.``) of the target that did not load.
+        unexpected: source keys the target does not have (skipped).
+        shape_mismatches: ``(key, source shape, target shape)`` for same-named tensors (skipped).
+        encoder_matched: loaded encoder tensors.
+        encoder_total: encoder tensors in the target.
+        decoder_matched: loaded non-encoder tensors.
+        decoder_total: non-encoder tensors in the target (SwinUNETR's ``out`` conv included).
+    """
+
+    matched: int
+    total_target: int
+    missing_encoder: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatches: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    encoder_matched: int = 0
+    encoder_total: int = 0
+    decoder_matched: int = 0
+    decoder_total: int = 0
+
+    def summary(self) -> str:
+        """One line: ``loaded N/M tensors (encoder E/E, decoder K/L)`` plus what was skipped."""
+        line = (
+            f"loaded {self.matched}/{self.total_target} tensors (encoder {self.encoder_matched}/"
+            f"{self.encoder_total}, decoder {self.decoder_matched}/{self.decoder_total})"
+        )
+        if self.unexpected:
+            line += f"; {len(self.unexpected)} unexpected skipped"
+        if self.shape_mismatches:
+            line += f"; {len(self.shape_mismatches)} shape mismatches skipped"
+        return line
+
+
+def _target_of(net: nn.Module, keys: list[str]) -> str:
+    for name, spec in EXPORT_TARGETS.items():
+        if any(k.startswith(spec.encoder_prefix) for k in keys):
+            return name
+    raise ValueError(
+        f"{type(net).__name__} has no 'swinViT.' or 'vit.' parameters; expected a MONAI SwinUNETR or UNETR"
+    )
+
+
+def _listed(keys: list) -> str:
+    more = f" (+{len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else ""
+    return f"{keys[:MAX_LISTED_KEYS]}{more}"
+
+
+def load_pretrained(net: nn.Module, weights: WeightsLike, *, require_full_encoder: bool = True) -> LoadReport:
+    """Load encoder (and decoder) weights into a MONAI ``SwinUNETR`` or ``UNETR``, counting.
+
+    Only tensors whose name and shape both match are copied; nothing is loaded when the check
+    below fails.
+
+    Args:
+        net: a MONAI ``SwinUNETR`` (keys ``swinViT.*``) or ``UNETR`` (keys ``vit.*``).
+        weights: anything :func:`export_weights` accepts (path or dict).
+        require_full_encoder: raise unless every encoder tensor of ``net`` is loaded.
+
+    Returns:
+        The :class:`LoadReport`; its summary is logged at INFO.
+
+    Raises:
+        ValueError: when ``require_full_encoder`` and an encoder tensor did not load (the
+            message gives the counts and the first missing keys), or for unusable weights.
+    """
+    target_state = net.state_dict()
+    target = _target_of(net, list(target_state))
+    source = export_weights(weights, target)
+    encoder_prefix = EXPORT_TARGETS[target].encoder_prefix
+
+    loadable, mismatches = {}, []
+    for key, value in source.items():
+        if key in target_state:
+            if tuple(value.shape) == tuple(target_state[key].shape):
+                loadable[key] = value
+            else:
+                mismatches.append((key, tuple(value.shape), tuple(target_state[key].shape)))
+    encoder_keys = [k for k in target_state if k.startswith(encoder_prefix)]
+    enc_matched = sum(k in loadable for k in encoder_keys)
+    report = LoadReport(
+        matched=len(loadable),
+        total_target=len(target_state),
+        missing_encoder=[k for k in encoder_keys if k not in loadable],
+        unexpected=[k for k in source if k not in target_state],
+        shape_mismatches=mismatches,
+        encoder_matched=enc_matched,
+        encoder_total=len(encoder_keys),
+        decoder_matched=len(loadable) - enc_matched,
+        decoder_total=len(target_state) - len(encoder_keys),
+    )
+    if report.missing_encoder and require_full_encoder:
+        raise ValueError(
+            f"pretrained encoder did not load fully into {type(net).__name__}: {report.summary()}; "
+            f"{len(report.missing_encoder)} encoder tensors missing, e.g. {_listed(report.missing_encoder)}"
+            + (f"; shape mismatches {_listed(mismatches)}" if mismatches else "")
+        )
+    net.load_state_dict(loadable, strict=False)
+    logger.info("%s: %s", type(net).__name__, report.summary())
+    if mismatches:
+        logger.warning("skipped tensors with other shapes: %s", _listed(mismatches))
+    return report
+
+
+def load_pretrained_into(
+    net: nn.Module, path: str | os.PathLike | None = None, require_full_encoder: bool = True
+) -> nn.Module:
+    """Bundle-friendly loader (``_target_``): load ``path`` into ``net`` and return ``net``.
+
+    Args:
+        net: a MONAI ``SwinUNETR`` or ``UNETR``.
+        path: an exported encoder or a pretraining checkpoint; empty or ``None`` trains from scratch.
+        require_full_encoder: see :func:`load_pretrained`.
+
+    Returns:
+        ``net`` itself, for chaining in configs.
+    """
+    if not path:
+        logger.info("%s: no pretrained weights given, training from scratch", type(net).__name__)
+        return net
+    load_pretrained(net, path, require_full_encoder=require_full_encoder)
+    return net
+
+
+def save_weights(state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
+    """Save a state dict atomically (temporary file in the same folder, then ``os.replace``).
+
+    Args:
+        state: tensors to save (e.g. from :func:`export_weights`).
+        path: destination; parent folders are created.
+
+    Returns:
+        The destination path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(state), f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

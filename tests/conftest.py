@@ -1,0 +1,42 @@
+"""Shared fixtures: synthetic phantoms and cases written to disk (NIfTI, DICOM)."""
+
+import pytest
+
+from medssl3d.data.phantoms import make_phantom, write_case
+
+# Small enough that a DICOM series (one file per slice along the last axis) writes and reads fast.
+CASE_SHAPE = (48, 48, 32)
+
+
+@pytest.fixture
+def phantom_ct():
+    """CT phantom, 64^3 at 1.5 mm, HU values."""
+    return make_phantom(shape=(64, 64, 64), spacing=(1.5, 1.5, 1.5), modality="ct", seed=0)
+
+
+@pytest.fixture
+def phantom_mri():
+    """MRI (T1-like) phantom, 64^3 at 1 mm, with a bias field."""
+    return make_phantom(shape=(64, 64, 64), spacing=(1.0, 1.0, 1.0), modality="mri", seed=0)
+
+
+def _case_factory(root, fmt):
+    def make(name="case", phantom=None, *, with_label=True, **write_kwargs):
+        """Write ``phantom`` (default: a CASE_SHAPE CT phantom) under ``root``; returns {"image", "label"}."""
+        phantom = make_phantom(shape=CASE_SHAPE) if phantom is None else phantom
+        return write_case(root, name, phantom, fmt, with_label, **write_kwargs)
+
+    return make
+
+
+@pytest.fixture
+def nifti_case(tmp_path):
+    """Factory: ``nifti_case(name="case", phantom=None, with_label=True)`` -> {"image", "label"}."""
+    return _case_factory(tmp_path, "nifti")
+
+
+@pytest.fixture
+def dicom_case(tmp_path):
+    """Factory: ``dicom_case(name="case", phantom=None, with_label=True, **write_dicom_series kwargs)``
+    -> {"image": series folder, "label": .nii.gz}."""
+    return _case_factory(tmp_path, "dicom")
