@@ -9,8 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from monai.config import IgniteInfo
-from monai.utils import min_version, optional_import, string_list_all_gather
+from monai.utils import IgniteInfo, min_version, optional_import, string_list_all_gather
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
@@ -35,7 +34,8 @@ class DicePerClassWriter:
     Args:
         save_dir: output folder (created).
         label_names: ``{"0": "background", "1": "liver", ...}`` as in the bundle metadata ``channel_def``.
-        include_background: whether the metric's first column is class 0 (as ``MeanDice(include_background)``).
+        include_background: whether the metric's first column is class 0
+            (as ``MeanDice(include_background)``).
         metric_name: name of the ``MeanDice`` handler in the evaluator.
         filename: file stem for the JSON and CSV.
         image_key: key of the decollated batch whose meta holds the case's file name.
@@ -80,7 +80,9 @@ class DicePerClassWriter:
             return
         details = getattr(engine.state, "metric_details", {}).get(self.metric_name)
         if details is None:
-            raise ValueError(f"no per-case details for metric {self.metric_name!r}; use MeanDice(save_details=True)")
+            raise ValueError(
+                f"no per-case details for metric {self.metric_name!r}; use MeanDice(save_details=True)"
+            )
         scores = torch.as_tensor(details, dtype=torch.float64).reshape(len(cases), -1)
         if scores.shape[1] != len(self.class_names):
             raise ValueError(

@@ -30,7 +30,7 @@ def build_segmentation_network(
     vit_num_heads: int = DEFAULT_VIT_NUM_HEADS,
     use_checkpoint: bool = False,
 ) -> nn.Module:
-    """Build a MONAI 3D segmentation network mapping ``(B, in_channels, D, H, W)`` to ``(B, out_channels, D, H, W)``.
+    """Build a MONAI 3D segmentation network: ``(B, in_channels, D, H, W)`` -> ``(B, out_channels, D, H, W)``.
 
     Args:
         arch: ``"swinunetr"`` (MONAI ``SwinUNETR``; D, H, W divisible by 32) or ``"unetr"`` (MONAI ``UNETR``

@@ -27,6 +27,9 @@ METADATA = "configs/metadata.json"
 CHANNEL_DEF_ID = "_meta_#network_data_format#outputs#pred#channel_def"
 NUM_CLASSES_ID = "num_classes"
 NETWORK_ID = "network_def"
+# "32*n" shapes are checked at n=2 (64 voxels per axis): SwinUNETR's instance norm at its 1/32 bottleneck
+# needs more than one voxel, so 32^3 is a shape the network cannot take
+DEFAULT_SHAPE_FACTOR = 2
 
 
 def verify_bundle(
@@ -35,6 +38,7 @@ def verify_bundle(
     schema: str | Path = META_SCHEMA,
     check_network: bool = True,
     device: str | None = None,
+    shape_factor: int = DEFAULT_SHAPE_FACTOR,
     network_overrides: dict[str, Any] | None = None,
 ) -> list[str]:
     """List what is wrong with a bundle; an empty list means it passed every check.
@@ -50,6 +54,7 @@ def verify_bundle(
         schema: JSON Schema file for the metadata (default: the copy shipped in ``medssl3d.resources``).
         check_network: run ``verify_net_in_out`` when ``inference.json`` exists.
         device: device for the network check (default: ``cuda:0`` if available, else ``cpu``).
+        shape_factor: the ``n`` of metadata shapes such as ``"32*n"`` for the network check.
         network_overrides: config id-value pairs for the network check (e.g. ``{"feature_size": 12}``
             to keep it fast).
 
@@ -82,6 +87,7 @@ def verify_bundle(
                 meta_file=str(meta_file),
                 config_file=str(inference),
                 device=device or ("cuda:0" if torch.cuda.is_available() else "cpu"),
+                n=shape_factor,
                 **(network_overrides or {}),
             )
         except (ValueError, KeyError, RuntimeError) as e:
@@ -101,5 +107,6 @@ def _check_num_classes(root: Path) -> list[str]:
     num_classes = parser.get_parsed_content(NUM_CLASSES_ID)
     channel_def = parser.get_parsed_content(CHANNEL_DEF_ID)
     if num_classes != len(channel_def):
-        return [f"{root / TRAIN_CONFIG}: num_classes={num_classes} but metadata channel_def has {len(channel_def)}"]
+        problem = f"num_classes={num_classes} but metadata channel_def has {len(channel_def)}"
+        return [f"{root / TRAIN_CONFIG}: {problem}"]
     return []

@@ -48,6 +48,8 @@ IMAGE_KEY = "image"
 SERIES_UID_KEY = "series_uid"
 DEFAULT_DATALIST_NAME = "dataset.json"
 JSON_INDENT = 2
+#: Checking a large datalist takes a while (one header per file): log progress this often.
+VALIDATE_LOG_EVERY = 500
 SPATIAL_DIMS = 3
 
 
@@ -346,6 +348,8 @@ def _check_entry(entry: dict, entry_id: str, keys: Sequence[str], *, min_shape, 
             header = read_header(path, series_uid=uid)
         except InputError as e:
             raise InputError(e.path, f"{entry_id} {key!r}: {e.problem}") from e
+        except OSError as e:  # e.g. permission denied: a bad case, not a reason to stop a long run
+            raise InputError(path, f"{entry_id} {key!r}: cannot read ({e})") from e
         _check_header(header, repr(key), entry_id, min_shape=min_shape, allow_4d_index=allow_4d_index)
         headers[key] = header
     image_header = headers[keys[0]]
@@ -362,7 +366,7 @@ def load_datalist_report(
     splits: str | Sequence[str] = ("training",),
     keys: str | Sequence[str] = ("image", "label"),
     validate: bool = True,
-    min_shape: Sequence[int] | None = None,
+    min_shape: Sequence[int] | int | None = None,
     base_dir: str | os.PathLike | None = None,
     allow_4d_index: int | None = None,
 ) -> tuple[list[dict], list[tuple[dict, str]]]:
@@ -378,7 +382,8 @@ def load_datalist_report(
             key is the image; the others (labels) must lie on the image's voxel grid.
         validate: check every file (exists, header readable with :func:`~medssl3d.data.readers.read_header`,
             3D, on the image grid, at least ``min_shape``). ``False`` checks only the JSON structure.
-        min_shape: smallest spatial size in voxels, in the axis order :func:`read_header` reports.
+        min_shape: smallest spatial size in voxels, in the axis order :func:`read_header` reports (the
+            loaded array order), or one int for all axes.
         base_dir: folder relative paths are resolved against; defaults to the datalist's folder.
         allow_4d_index: accept 4D images (the loader will take this volume index); ``None`` refuses them.
 
@@ -399,8 +404,10 @@ def load_datalist_report(
         raise ValueError("splits must name at least one split")
     if not keys:
         raise ValueError("keys must name at least one key (the image)")
+    if isinstance(min_shape, int):
+        min_shape = (min_shape,) * SPATIAL_DIMS
     if min_shape is not None and len(min_shape) != SPATIAL_DIMS:
-        raise ValueError(f"min_shape must have {SPATIAL_DIMS} values, got {min_shape!r}")
+        raise ValueError(f"min_shape must be an int or {SPATIAL_DIMS} ints, got {min_shape!r}")
     data = _read_json(path)
     base = Path(base_dir).expanduser() if base_dir is not None else path.parent
     base = base.resolve()
@@ -420,7 +427,9 @@ def load_datalist_report(
 
     good: list[dict] = []
     bad: list[tuple[dict, str]] = []
-    for entry_id, raw in entries:
+    for n_done, (entry_id, raw) in enumerate(entries, start=1):
+        if validate and n_done % VALIDATE_LOG_EVERY == 0:
+            logger.info("%s: checked %d of %d cases (%d bad so far)", path, n_done, len(entries), len(bad))
         entry = {IMAGE_KEY: raw} if isinstance(raw, str) else raw
         if not isinstance(entry, dict):
             bad.append(({"entry": raw}, str(InputError(path, f"{entry_id}: not an object or a path"))))
@@ -450,7 +459,7 @@ def load_datalist(
     keys: str | Sequence[str] = ("image", "label"),
     validate: bool = True,
     skip_bad: bool = False,
-    min_shape: Sequence[int] | None = None,
+    min_shape: Sequence[int] | int | None = None,
     base_dir: str | os.PathLike | None = None,
     allow_4d_index: int | None = None,
 ) -> list[dict]:
@@ -467,7 +476,7 @@ def load_datalist(
         validate: check files and headers (see :func:`load_datalist_report`).
         skip_bad: log and drop bad entries instead of raising; use :func:`load_datalist_report` to get the
             list of dropped entries.
-        min_shape: smallest spatial size in voxels (axis order as :func:`read_header` reports).
+        min_shape: smallest spatial size in voxels (axis order as :func:`read_header` reports), or an int.
         base_dir: folder relative paths are resolved against; defaults to the datalist's folder.
         allow_4d_index: accept 4D images (the loader takes this volume index); ``None`` refuses them.
 

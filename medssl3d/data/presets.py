@@ -69,7 +69,11 @@ CACHE_HASH_CHARS = 16
 CACHE_INFO_FILE = "preset.json"
 
 SCALINGS = ("window", "percentile")
-MODALITIES = ("ct", "mri")
+#: Field values a :class:`PresetConfig` takes from its modality when they are left as ``None``.
+MODALITY_DEFAULTS = {
+    "ct": {"scaling": "window", "foreground_threshold": CT_FOREGROUND_THRESHOLD},
+    "mri": {"scaling": "percentile", "foreground_threshold": MRI_FOREGROUND_THRESHOLD},
+}
 _AXCODE_PAIRS = ("LR", "PA", "IS")
 
 
@@ -106,7 +110,8 @@ class LoadSeriesAwared(MapTransform):
         self._loaders: dict[str | None, Callable] = {}
 
     def _loader(self, series_uid: str | None) -> Callable:
-        # One loader per series seen: building a LoadImaged per call would redo its reader set-up.
+        # One loader per series seen (few: only multi-series folders carry a UID); building a
+        # LoadImaged per call would redo its reader set-up.
         if series_uid not in self._loaders:
             self._loaders[series_uid] = volume_loader(
                 self.keys,
@@ -126,11 +131,12 @@ class PresetConfig:
     """Deterministic preprocessing of one modality (every number the preset uses lives here).
 
     Args:
-        modality: ``"ct"`` or ``"mri"`` (recorded; the behaviour is set by the fields below).
+        modality: ``"ct"`` or ``"mri"``; picks the defaults of ``scaling`` and ``foreground_threshold``.
         spacing: target voxel size in mm along the output array axes (``axcodes`` order).
+        axcodes: target orientation, e.g. ``"RAS"`` (array axes run to Right, Anterior, Superior).
         scaling: ``"window"`` maps ``[a_min, a_max]`` to ``[b_min, b_max]`` (CT, in HU); ``"percentile"``
             maps the ``lower_percentile``..``upper_percentile`` intensities of each volume (MRI).
-        axcodes: target orientation, e.g. ``"RAS"`` (array axes run to Right, Anterior, Superior).
+            ``None``: by modality (:data:`MODALITY_DEFAULTS`).
         a_min: intensity mapped to ``b_min`` (window scaling).
         a_max: intensity mapped to ``b_max`` (window scaling).
         b_min: output minimum.
@@ -139,7 +145,7 @@ class PresetConfig:
         lower_percentile: percentile mapped to ``b_min`` (percentile scaling).
         upper_percentile: percentile mapped to ``b_max`` (percentile scaling).
         crop_foreground: crop to the box of voxels above ``foreground_threshold`` (after scaling).
-        foreground_threshold: scaled intensity above which a voxel is foreground.
+        foreground_threshold: scaled intensity above which a voxel is foreground; ``None``: by modality.
         crop_margin: voxels kept around the foreground box.
         n4_bias_correction: run N4 bias-field correction (SimpleITK) before resampling (MRI).
         n4_shrink_factor: shrink factor of the N4 fit.
@@ -152,8 +158,8 @@ class PresetConfig:
 
     modality: str
     spacing: tuple[float, float, float]
-    scaling: str
     axcodes: str = "RAS"
+    scaling: str | None = None
     a_min: float = CT_HU_WINDOW_MIN
     a_max: float = CT_HU_WINDOW_MAX
     b_min: float = OUTPUT_MIN
@@ -162,7 +168,7 @@ class PresetConfig:
     lower_percentile: float = MRI_LOWER_PERCENTILE
     upper_percentile: float = MRI_UPPER_PERCENTILE
     crop_foreground: bool = True
-    foreground_threshold: float = CT_FOREGROUND_THRESHOLD
+    foreground_threshold: float | None = None
     crop_margin: int = CROP_MARGIN_VOXELS
     n4_bias_correction: bool = False
     n4_shrink_factor: int = N4_SHRINK_FACTOR
@@ -173,8 +179,11 @@ class PresetConfig:
         # Sequences may arrive as lists (YAML, omegaconf): normalise so configs compare and hash equal.
         object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
         object.__setattr__(self, "n4_iterations", tuple(int(i) for i in self.n4_iterations))
-        if self.modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        if self.modality not in MODALITY_DEFAULTS:
+            raise ValueError(f"modality must be one of {tuple(MODALITY_DEFAULTS)}, got {self.modality!r}")
+        for name, default in MODALITY_DEFAULTS[self.modality].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
         if self.scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
         if len(self.spacing) != 3 or any(s <= 0 for s in self.spacing):
@@ -194,18 +203,8 @@ class PresetConfig:
             raise ValueError(f"crop_margin must be >= 0, got {self.crop_margin!r}")
 
 
-CT_PRESET = PresetConfig(
-    modality="ct",
-    spacing=(CT_SPACING_MM,) * 3,
-    scaling="window",
-    foreground_threshold=CT_FOREGROUND_THRESHOLD,
-)
-MRI_PRESET = PresetConfig(
-    modality="mri",
-    spacing=(MRI_SPACING_MM,) * 3,
-    scaling="percentile",
-    foreground_threshold=MRI_FOREGROUND_THRESHOLD,
-)
+CT_PRESET = PresetConfig(modality="ct", spacing=(CT_SPACING_MM,) * 3)
+MRI_PRESET = PresetConfig(modality="mri", spacing=(MRI_SPACING_MM,) * 3)
 
 
 def preset_from_yaml(path: str | os.PathLike, **overrides) -> PresetConfig:
@@ -273,8 +272,8 @@ def build_preset(cfg: PresetConfig, keys: Sequence[str] = ("image", "label")) ->
             neighbour, never intensity-scaled, cropped with the image).
 
     Returns:
-        A ``Compose`` mapping ``{key: path}`` to ``{key: MetaTensor (1, D, H, W) float32}``, whose affine
-        (``meta["affine"]``) has ``cfg.spacing`` on its diagonal and ``cfg.axcodes`` orientation.
+        A ``Compose`` mapping ``{key: path}`` to ``{key: MetaTensor (1, D, H, W) float32}`` whose affine
+        has voxel sizes (column norms) ``cfg.spacing`` and orientation ``cfg.axcodes``.
 
     Raises:
         ValueError: if ``keys`` is empty.
@@ -294,7 +293,8 @@ def build_preset(cfg: PresetConfig, keys: Sequence[str] = ("image", "label")) ->
             )
         )
     transforms += [
-        Orientationd(keys, axcodes=cfg.axcodes),
+        # Our readers give RAS affines; naming the axis labels keeps axcodes meaning RAS-world codes.
+        Orientationd(keys, axcodes=cfg.axcodes, labels=tuple(tuple(pair) for pair in _AXCODE_PAIRS)),
         Spacingd(keys, pixdim=cfg.spacing, mode=("bilinear",) + ("nearest",) * (len(keys) - 1)),
     ]
     if cfg.scaling == "window":
@@ -413,7 +413,9 @@ def cached_dataset(
     The first access of a case runs :func:`build_preset` and stores the result (tensors with their
     affine and metadata); later accesses, in this or any later run with the same preset, keys and
     versions, read it back without decoding the source file. ``extra_transforms`` (augmentation) run
-    after the cache on every access and are never cached.
+    after the cache on every access and are never cached. Within a preset folder, MONAI names each cached
+    case by a hash of its datalist entry (paths, not file contents): after overwriting a source file in
+    place, delete the preset folder.
 
     Args:
         data: datalist entries with absolute paths (e.g. from :func:`~medssl3d.data.datalist.load_datalist`).

@@ -104,8 +104,10 @@ class SwinSSLConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if min(self.rotation_token, self.contrast_token) < 0:
-            raise ValueError(f"token indices must be >= 0, got rotation_token={self.rotation_token}, "
-                             f"contrast_token={self.contrast_token}")
+            raise ValueError(
+                f"token indices must be >= 0, got rotation_token={self.rotation_token}, "
+                f"contrast_token={self.contrast_token}"
+            )
 
 
 def config_from_yaml(path: str | os.PathLike, preset: str = "base", **overrides: Any) -> SwinSSLConfig:
@@ -213,7 +215,9 @@ class SwinSSL(SSLMethod):
         self.backbone_name = f"swin-{self.config.backbone_size}"
         self.student = SwinSSLStudent(self.config)
         self.rotation_loss = nn.CrossEntropyLoss()
-        self.contrast_loss = NTXentLoss(self.config.temperature, gather_distributed=self.config.gather_distributed)
+        self.contrast_loss = NTXentLoss(
+            self.config.temperature, gather_distributed=self.config.gather_distributed
+        )
         self.recon_loss = nn.L1Loss()
 
     def forward(self, batch: dict[str, Any], step: StepInfo) -> dict[str, Any]:
@@ -234,7 +238,9 @@ class SwinSSL(SSLMethod):
         try:
             inputs = torch.cat([batch[f"{v}{cfg.input_postfix}"] for v in cfg.view_keys])
             targets = torch.cat([batch[v] for v in cfg.view_keys])
-            labels = torch.cat([torch.as_tensor(batch[f"{v}{cfg.label_postfix}"]).reshape(-1) for v in cfg.view_keys])
+            labels = torch.cat(
+                [torch.as_tensor(batch[f"{v}{cfg.label_postfix}"]).reshape(-1) for v in cfg.view_keys]
+            )
         except KeyError as e:
             raise KeyError(f"swin_ssl batch lacks {e}; it has {sorted(batch)}") from e
         out = self.run_student(inputs)
@@ -243,7 +249,10 @@ class SwinSSL(SSLMethod):
         contrast = self.contrast_loss(z1, z2)
         recon = self.recon_loss(out["reconstruction"], targets)
         loss = cfg.rotation_weight * rot + cfg.contrast_weight * contrast + cfg.recon_weight * recon
-        return {"loss": loss, "parts": {"rot": rot.detach(), "contrast": contrast.detach(), "recon": recon.detach()}}
+        return {
+            "loss": loss,
+            "parts": {"rot": rot.detach(), "contrast": contrast.detach(), "recon": recon.detach()},
+        }
 
 
 def build_swin_ssl(**cfg: Any) -> SwinSSL:
@@ -305,11 +314,16 @@ def swin_ssl_transforms(
     for v in view_keys:
         per_view.append(
             RandRotate90Classd(
-                keys=v, label_key=f"{v}{label_postfix}", num_classes=rotation_classes, spatial_axes=rotation_axes
+                keys=v,
+                label_key=f"{v}{label_postfix}",
+                num_classes=rotation_classes,
+                spatial_axes=rotation_axes,
             )
         )
         per_view.append(
-            RandCutoutd(keys=v, output_postfix=input_postfix, max_fraction=max_cutout_fraction, fill=cutout_fill)
+            RandCutoutd(
+                keys=v, output_postfix=input_postfix, max_fraction=max_cutout_fraction, fill=cutout_fill
+            )
         )
     return Compose(
         [

@@ -45,8 +45,10 @@ class ConvDecoder(nn.Module):
     ) -> None:
         super().__init__()
         if min(in_channels, out_channels, min_channels) < 1:
-            raise ValueError(f"channel counts must be >= 1, got in_channels={in_channels}, "
-                             f"out_channels={out_channels}, min_channels={min_channels}")
+            raise ValueError(
+                f"channel counts must be >= 1, got in_channels={in_channels}, "
+                f"out_channels={out_channels}, min_channels={min_channels}"
+            )
         if num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {num_stages}")
         if spatial_dims not in UPSAMPLE_MODES:
@@ -66,7 +68,9 @@ class ConvDecoder(nn.Module):
                 )
             )
             layers.append(
-                nn.Upsample(scale_factor=UPSAMPLE_FACTOR, mode=UPSAMPLE_MODES[spatial_dims], align_corners=False)
+                nn.Upsample(
+                    scale_factor=UPSAMPLE_FACTOR, mode=UPSAMPLE_MODES[spatial_dims], align_corners=False
+                )
             )
             channels = width
         layers.append(Convolution(spatial_dims, channels, out_channels, kernel_size=1, conv_only=True))
@@ -75,5 +79,5 @@ class ConvDecoder(nn.Module):
         self.scale = UPSAMPLE_FACTOR**num_stages
 
     def forward(self, x: Tensor) -> Tensor:
-        """Decode ``x`` (B, in_channels, d, h, w) to (B, out_channels, d·s, h·s, w·s), ``s = 2**num_stages``."""
+        """Decode ``x`` (B, in_channels, d, h, w) to (B, out_channels, d·s, h·s, w·s), s = 2**num_stages."""
         return self.layers(x)

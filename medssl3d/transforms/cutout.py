@@ -83,8 +83,9 @@ class RandCutout(RandomizableTransform):
         if not 0.0 <= min_fraction <= max_fraction:
             raise ValueError(f"min_fraction must be in [0, max_fraction={max_fraction}], got {min_fraction}")
         if not 0.0 < min_block <= max_block <= 1.0:
-            raise ValueError(f"need 0 < min_block <= max_block <= 1, got min_block={min_block}, "
-                             f"max_block={max_block}")
+            raise ValueError(
+                f"need 0 < min_block <= max_block <= 1, got min_block={min_block}, max_block={max_block}"
+            )
         if max_boxes < 1:
             raise ValueError(f"max_boxes must be >= 1, got {max_boxes}")
         if fill not in FILL_MODES:
@@ -113,8 +114,10 @@ class RandCutout(RandomizableTransform):
         super().randomize(None)
         ndim = len(spatial_shape)
         if self.max_block**ndim > self.max_fraction:
-            raise ValueError(f"max_block={self.max_block} gives boxes larger than max_fraction="
-                             f"{self.max_fraction} in {ndim}D")
+            raise ValueError(
+                f"max_block={self.max_block} gives boxes larger than max_fraction="
+                f"{self.max_fraction} in {ndim}D"
+            )
         target = self.R.uniform(self.min_fraction, self.max_fraction)
         boxes = self._draw_boxes(tuple(spatial_shape))
         # Index of the first box covering each voxel (max_boxes where none): the first k boxes cover
@@ -151,8 +154,10 @@ class RandCutout(RandomizableTransform):
         if self.mask is None or self._noise is None:
             raise RuntimeError("call randomize() before applying RandCutout with randomize=False")
         if tuple(self.mask.shape) != tuple(img.shape[1:]) or self._noise.shape[0] != img.shape[0]:
-            raise ValueError(f"image shape {tuple(img.shape)} does not match the drawn mask "
-                             f"{tuple(self.mask.shape)} with {self._noise.shape[0]} channel(s)")
+            raise ValueError(
+                f"image shape {tuple(img.shape)} does not match the drawn mask "
+                f"{tuple(self.mask.shape)} with {self._noise.shape[0]} channel(s)"
+            )
         out = img.clone()
         mask = torch.from_numpy(self.mask).to(img.device)
         out[:, mask] = torch.from_numpy(self._noise).to(device=img.device, dtype=img.dtype)
@@ -160,7 +165,7 @@ class RandCutout(RandomizableTransform):
 
 
 class RandCutoutd(RandomizableTransform, MapTransform):
-    """Dictionary twin of :class:`RandCutout`: one draw cuts every key; the clean volumes stay under their keys.
+    """Dictionary twin of :class:`RandCutout`: one draw cuts every key; the clean volumes stay as they are.
 
     The cut-out copy of ``key`` goes to ``key + output_postfix`` and the covered fraction (a 0-d float
     tensor) to ``key + fraction_postfix``; with ``mask_postfix`` the covered-voxel mask (1, D, H, W) is

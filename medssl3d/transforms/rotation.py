@@ -17,7 +17,8 @@ from monai.utils import convert_to_tensor
 __all__ = ["DEFAULT_NUM_CLASSES", "AXIAL_AXES", "RandRotate90Class", "RandRotate90Classd", "rotate90"]
 
 DEFAULT_NUM_CLASSES = 4
-# Spatial axes (z, y, x) = (0, 1, 2); the axial plane is the (y, x) plane.
+# Spatial axes (z, y, x) = (0, 1, 2); the axial plane is the (y, x) plane. These are dims (2, 3) of a
+# (C, D, H, W) sample, the dims the original code (``rot_rand``) turns.
 AXIAL_AXES = (1, 2)
 MAX_CLASSES = 4
 
@@ -64,7 +65,9 @@ class RandRotate90Class(RandomizableTransform):
 
     backend = Rotate90.backend
 
-    def __init__(self, num_classes: int = DEFAULT_NUM_CLASSES, spatial_axes: Sequence[int] = AXIAL_AXES) -> None:
+    def __init__(
+        self, num_classes: int = DEFAULT_NUM_CLASSES, spatial_axes: Sequence[int] = AXIAL_AXES
+    ) -> None:
         RandomizableTransform.__init__(self, prob=1.0)
         self.spatial_axes = _check_args(num_classes, spatial_axes)
         self.num_classes = num_classes
@@ -89,7 +92,7 @@ class RandRotate90Class(RandomizableTransform):
 
 
 class RandRotate90Classd(RandomizableTransform, MapTransform):
-    """Dictionary twin of :class:`RandRotate90Class`: one draw rotates every key; the class goes to ``label_key``.
+    """Dictionary twin of :class:`RandRotate90Class`: one draw rotates all keys; ``label_key`` gets the class.
 
     Use one instance per view so that the views get independent rotations.
 

@@ -8,7 +8,7 @@ import torch
 from monai.transforms import Invertd, Lambdad
 
 from medssl3d.data.errors import InputError
-from medssl3d.data.phantoms import make_phantom, write_case
+from medssl3d.data.phantoms import make_phantom, write_case, write_dicom_series
 from medssl3d.data.presets import (
     CT_HU_WINDOW_MAX,
     CT_HU_WINDOW_MIN,
@@ -121,12 +121,30 @@ def test_mri_preset_percentiles(mri_case):
     np.testing.assert_allclose([lo, hi], [0.0, 1.0], atol=1e-4)
 
 
-def test_mri_preset_with_n4_runs_in_the_pipeline(mri_case):
-    case, _ = mri_case
+def test_mri_preset_with_n4_flattens_the_bias_field(mri_case):
+    case, ph = mri_case
+    liver = next(v for v, name in ph.label_names.items() if name == "liver")
+
+    def liver_cv(cfg):
+        out = build_preset(cfg)(case)
+        values = out["image"][0][out["label"][0] == liver]
+        return float(values.std() / values.mean()), out
+
     cfg = dataclasses.replace(MRI_PRESET, n4_bias_correction=True, n4_shrink_factor=2, n4_iterations=(10, 10))
-    out = build_preset(cfg)(case)
-    assert out["image"].shape == build_preset(MRI_PRESET)(case)["image"].shape
-    assert torch.isfinite(out["image"]).all() and out["image"].max() <= 1.0
+    cv_plain, plain = liver_cv(MRI_PRESET)
+    cv_n4, corrected = liver_cv(cfg)
+    assert corrected["image"].shape == plain["image"].shape
+    assert torch.isfinite(corrected["image"]).all() and corrected["image"].max() <= 1.0
+    assert cv_n4 < cv_plain  # the phantom's smooth bias field is (partly) removed
+
+
+def test_modality_picks_scaling_and_threshold_defaults():
+    assert PresetConfig("ct", (1.5, 1.5, 1.5), "RAS") == CT_PRESET  # contract field order
+    assert PresetConfig(modality="mri", spacing=[1, 1, 1]) == MRI_PRESET  # lists normalised to tuples
+    assert CT_PRESET.scaling == "window" and MRI_PRESET.scaling == "percentile"
+    assert MRI_PRESET.foreground_threshold > CT_PRESET.foreground_threshold
+    explicit = PresetConfig("mri", (1.0, 1.0, 1.0), scaling="window", foreground_threshold=0.2)
+    assert explicit.scaling == "window" and explicit.foreground_threshold == 0.2
 
 
 def test_yaml_presets_mirror_the_dataclass_defaults():
@@ -145,8 +163,8 @@ def test_yaml_overrides_and_errors(tmp_path):
         preset_from_yaml(bad)
     assert str(bad) in str(info.value)
     partial = tmp_path / "partial.yaml"
-    partial.write_text("modality: ct\nspacing: [1, 1, 1]\n")
-    with pytest.raises(InputError, match="scaling"):
+    partial.write_text("modality: ct\n")
+    with pytest.raises(InputError, match="spacing"):
         preset_from_yaml(partial)
     with pytest.raises(InputError, match="not found"):
         preset_from_yaml(tmp_path / "nope.yaml")
@@ -215,3 +233,35 @@ def test_persistent_cache_is_keyed_by_preset_and_used_on_second_pass(tmp_path, c
     while cause is not None and not isinstance(cause, InputError):
         cause = cause.__cause__
     assert cause is not None and "x_ct0" in cause.path
+
+
+def test_entries_of_a_multi_series_folder_load_their_own_series(tmp_path):
+    folder = tmp_path / "multi"
+    phantoms = {}
+    for tag, uid, seed in (("s1", "1.2.3.1", 1), ("s2", "1.2.3.2", 2)):
+        ph = make_phantom((32, 32, 32), spacing=(1.5, 1.5, 1.5), seed=seed)
+        tmp = write_dicom_series(ph.image, ph.affine, tmp_path / tag, series_uid=uid)
+        folder.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir()):
+            f.rename(folder / f"{tag}_{f.name}")
+        phantoms[uid] = ph
+    cfg = dataclasses.replace(
+        CT_PRESET, crop_foreground=False, scaling="window", a_min=0.0, a_max=1.0, clip=False
+    )
+    preset = build_preset(cfg, keys=("image",))
+    for uid, ph in phantoms.items():
+        image = preset({"image": str(folder), "series_uid": uid})["image"][0].numpy()
+        np.testing.assert_allclose(image, ph.image, atol=1e-3)  # already RAS at 1.5 mm: no resampling
+    with pytest.raises(RuntimeError):
+        preset({"image": str(folder)})  # two series and no UID: refused, never a silent pick
+
+
+def test_preset_from_yaml_refuses_broken_yaml_and_bad_values(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("modality: ct\nspacing: [1, 1\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        preset_from_yaml(broken)
+    bad_axcodes = tmp_path / "axcodes.yaml"
+    bad_axcodes.write_text((CONFIGS / "ct.yaml").read_text().replace("axcodes: RAS", "axcodes: RAX"))
+    with pytest.raises(InputError, match="axcodes"):
+        preset_from_yaml(bad_axcodes)

@@ -65,3 +65,40 @@ def test_bad_input_raises():
         NTXentLoss(temperature=0)
     with pytest.raises(ValueError):
         NTXentLoss()(torch.zeros(2, 4), torch.zeros(3, 4))
+
+
+def _gathered_loss_worker(rank, world, init_file, z1, z2, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        shard = slice(rank * (len(z1) // world), (rank + 1) * (len(z1) // world))
+        local1 = z1[shard].clone().requires_grad_(True)
+        loss = NTXentLoss(temperature=0.5, gather_distributed=True)(local1, z2[shard])
+        loss.backward()
+        results[rank] = (loss.item(), local1.grad.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_negatives_match_the_full_batch(tmp_path):
+    # Two gloo ranks with two pairs each: the mean of their losses is the loss of all four pairs.
+    mp = torch.multiprocessing.get_context("spawn")
+    g = torch.Generator().manual_seed(4)
+    z1, z2 = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        torch.multiprocessing.start_processes(
+            _gathered_loss_worker,
+            args=(2, str(tmp_path / "store"), z1, z2, results),
+            nprocs=2,
+            start_method="spawn",
+        )
+        results = dict(results)
+    z1 = z1.clone().requires_grad_(True)
+    full = NTXentLoss(temperature=0.5)(z1, z2)
+    full.backward()
+    assert (results[0][0] + results[1][0]) / 2 == pytest.approx(full.item(), rel=1e-5)
+    # The gather's backward sums both ranks' gradients; DDP then averages over the 2 ranks.
+    grads = torch.cat([results[0][1], results[1][1]]) / 2
+    torch.testing.assert_close(grads, z1.grad)

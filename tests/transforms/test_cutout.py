@@ -75,8 +75,14 @@ def test_same_seed_same_cutout():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_fraction": 0}, {"max_fraction": 1.5}, {"min_fraction": 0.5}, {"min_block": 0.3},
-     {"max_boxes": 0}, {"fill": "mean"}],
+    [
+        {"max_fraction": 0},
+        {"max_fraction": 1.5},
+        {"min_fraction": 0.5},
+        {"min_block": 0.3},
+        {"max_boxes": 0},
+        {"fill": "mean"},
+    ],
 )
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):

@@ -73,8 +73,9 @@ def test_deterministic_under_set_determinism():
     assert first != other
 
 
-@pytest.mark.parametrize("kwargs", [{"num_classes": 0}, {"num_classes": 5}, {"spatial_axes": (1, 1)},
-                                    {"spatial_axes": (0, 1, 2)}])
+@pytest.mark.parametrize(
+    "kwargs", [{"num_classes": 0}, {"num_classes": 5}, {"spatial_axes": (1, 1)}, {"spatial_axes": (0, 1, 2)}]
+)
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         RandRotate90Class(**kwargs)

@@ -44,7 +44,9 @@ def test_seeded_views_repeat(volume):
     torch.testing.assert_close(a({"image": volume})["view2"], b({"image": volume})["view2"])
 
 
-@pytest.mark.parametrize("kwargs", [{"roi_size": (0, 16, 16)}, {"view_keys": ("image", "v")}, {"view_keys": ()}])
+@pytest.mark.parametrize(
+    "kwargs", [{"roi_size": (0, 16, 16)}, {"view_keys": ("image", "v")}, {"view_keys": ()}]
+)
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
         two_views(**kwargs)
