@@ -65,6 +65,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_anomaly_map(args: argparse.Namespace) -> int:
+    from medssl3d.anomaly import write_anomaly_maps
+
+    written = write_anomaly_maps(
+        args.checkpoint,
+        args.volume,
+        args.out_dir,
+        modality=args.modality,
+        template=args.template,
+        foreground_threshold=args.foreground_threshold,
+        margin=args.margin,
+        smoothing_sigma=args.sigma,
+        device=args.device,
+    )
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from medssl3d.demo import run_demo
 
@@ -105,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a pretraining checkpoint (.pt)")
     p.add_argument("-o", "--output", required=True, help="the weights file to write")
     p.add_argument("--target", choices=("swinunetr", "unetr"), default="swinunetr")
+
+    p = add("anomaly-map", _cmd_anomaly_map, "Write AFiRe anomaly heatmaps (NIfTI, aligned with the input).")
+    p.add_argument("checkpoint", help="an AFiRe pretraining checkpoint")
+    p.add_argument("volume", help="a NIfTI/NRRD/MHA file or a DICOM series folder")
+    p.add_argument("-o", "--out-dir", required=True, help="folder for the heatmaps")
+    p.add_argument("--modality", choices=("ct", "mri"), default="mri", help="data preset of the volume")
+    p.add_argument("--template", default=None, help="template volume to register to (as in pretraining)")
+    p.add_argument("--foreground-threshold", type=float, default=None, help="default: the preset's")
+    p.add_argument("--margin", type=int, default=0, help="voxels of margin around the foreground box")
+    p.add_argument("--sigma", type=float, default=1.0, help="Gaussian smoothing of the restoration error")
+    p.add_argument("--device", default="cpu", help="torch device")
 
     p = add("demo", _cmd_demo, "The end-to-end demo on the real sample data.")
     p.add_argument("--cache-dir", default=None, help="sample-data cache folder")

@@ -19,6 +19,8 @@ class TrainConfig:
         max_epochs: epochs of the run (an epoch is one pass of the loader).
         batch_size: per-process batch size when the engine builds the loader from a dataset.
         num_workers: loader workers when the engine builds the loader from a dataset.
+        drop_last: drop an epoch's last incomplete batch when the engine builds the loader (a batch of
+            one leaves batch-contrastive losses without negatives).
         lr: peak learning rate, reached after the warm-up.
         min_lr: learning rate at the end of the cosine decay.
         warmup_steps: linear learning-rate warm-up from 0.
@@ -47,6 +49,7 @@ class TrainConfig:
     max_epochs: int | None = None
     batch_size: int = 2
     num_workers: int = 0
+    drop_last: bool = True
     lr: float = 1e-4
     min_lr: float = 1e-6
     warmup_steps: int = 0

@@ -175,7 +175,7 @@ class Pretrainer:
         else:
             loader = self._make_loader(
                 src, cfg.batch_size, True, world, rank,
-                num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+                num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda", drop_last=cfg.drop_last,
             )
         if loader.generator is None:
             # The loader draws its workers' base seed from this generator, not the global RNG,
@@ -210,7 +210,8 @@ class Pretrainer:
         self.steps_per_epoch = self.micro_per_epoch // cfg.accumulate_steps
         if self.steps_per_epoch < 1:
             raise ValueError(
-                f"an epoch has {self.micro_per_epoch} batches per process, fewer than "
+                f"an epoch has {self.micro_per_epoch} batches per process ({len(self.sampler)} samples, "
+                f"batch size {self.loader.batch_size}, drop_last={self.loader.drop_last}), fewer than "
                 f"accumulate_steps={cfg.accumulate_steps}: no optimizer step could be taken"
             )
         limits = [cfg.max_steps] if cfg.max_steps else []

@@ -10,31 +10,48 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
-from monai.networks.nets import SwinUNETR
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.networks.nets import UNETR, SwinUNETR
 
 from medssl3d.bundle_support.verify import verify_bundle
 from medssl3d.engine.checkpoint import load_checkpoint
+from medssl3d.networks.backbones import BACKBONE_SIZES
 from medssl3d.transfer.export import load_pretrained
 
 BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
-# bundle name -> (method name in its checkpoints, MONAI network the exported encoder loads into)
-PRETRAIN_BUNDLES = {"swin_ssl": ("swin_ssl", lambda: SwinUNETR(in_channels=1, out_channels=2, feature_size=12))}
+# Every bundle but the segmentation one is a pretraining bundle named after its method, with the ids
+# `backbone_size`, `roi_size`, `export_target`, `smoke_dir` and outputs under `smoke_dir/{runs,models}`.
+PRETRAIN_BUNDLES = sorted(p.parent.parent.name for p in BUNDLES.glob("*/configs/train.json"))
+PRETRAIN_BUNDLES.remove("segmentation")
 
 
 def configs(bundle: str, *names: str) -> list[str]:
     return [str(BUNDLES / bundle / "configs" / f"{n}.json") for n in names]
 
 
-@pytest.mark.parametrize("bundle", sorted(PRETRAIN_BUNDLES))
+def smoke_target_network(bundle: str) -> tuple[str, torch.nn.Module]:
+    """The MONAI network (and its export name) that the smoke run's exported encoder must fill."""
+    parser = ConfigParser()
+    parser.read_config(configs(bundle, "train", "smoke"))
+    target, size, roi = (parser.get_parsed_content(k) for k in ("export_target", "backbone_size", "roi_size"))
+    if target == "swinunetr":
+        return target, SwinUNETR(in_channels=1, out_channels=2, feature_size=BACKBONE_SIZES["swin"][size].feature_size)
+    vit = BACKBONE_SIZES["vit"][size]
+    net = UNETR(
+        in_channels=1, out_channels=2, img_size=roi,
+        hidden_size=vit.hidden_size, mlp_dim=vit.mlp_dim, num_heads=vit.num_heads,
+    )
+    return target, net
+
+
+@pytest.mark.parametrize("bundle", PRETRAIN_BUNDLES)
 def test_bundle_files_and_metadata_are_valid(bundle):
     assert verify_bundle(BUNDLES / bundle) == []
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bundle", sorted(PRETRAIN_BUNDLES))
+@pytest.mark.parametrize("bundle", PRETRAIN_BUNDLES)
 def test_smoke_run_through_config_workflow(bundle, tmp_path):
-    method_name, make_net = PRETRAIN_BUNDLES[bundle]
     wf = ConfigWorkflow(
         config_file=configs(bundle, "train", "smoke"),
         meta_file=str(BUNDLES / bundle / "configs" / "metadata.json"),
@@ -49,16 +66,17 @@ def test_smoke_run_through_config_workflow(bundle, tmp_path):
     wf.finalize()
 
     ckpt = load_checkpoint(tmp_path / "runs" / "checkpoints" / "last.pt")
-    assert ckpt["method"] == method_name
+    assert ckpt["method"] == bundle
     assert ckpt["step"] == wf.parser.get_parsed_content("train#trainer#max_steps")
     metrics = [json.loads(line) for line in (tmp_path / "runs" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
-    report = load_pretrained(make_net(), tmp_path / "models" / "encoder_swinunetr.pt")
+    target, net = smoke_target_network(bundle)
+    report = load_pretrained(net, tmp_path / "models" / f"encoder_{target}.pt")
     assert report.encoder_matched == report.encoder_total > 0
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bundle", sorted(PRETRAIN_BUNDLES))
+@pytest.mark.parametrize("bundle", PRETRAIN_BUNDLES)
 def test_torchrun_two_gloo_processes(bundle, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK"))}
     env["OMP_NUM_THREADS"] = "1"
@@ -75,4 +93,4 @@ def test_torchrun_two_gloo_processes(bundle, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "runs" / "checkpoints" / "last.pt")
     assert ckpt["step"] == 2
-    assert (tmp_path / "models" / "encoder_swinunetr.pt").is_file()
+    assert (tmp_path / "models" / f"encoder_{smoke_target_network(bundle)[0]}.pt").is_file()

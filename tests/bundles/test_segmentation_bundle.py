@@ -181,7 +181,6 @@ def test_unetr_selected_by_one_override():
 
 @pytest.mark.slow
 def test_smoke_command_runs_from_bundle_folder(tmp_path):
-    pytest.importorskip("fire", reason="`python -m monai.bundle` needs the `fire` package")
     bundle = tmp_path / "segmentation"
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("smoke", "models", "eval", "__pycache__"))
     result = subprocess.run(
@@ -196,7 +195,6 @@ def test_smoke_command_runs_from_bundle_folder(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks_save_plain_state_dict(tmp_path):
-    pytest.importorskip("fire", reason="`python -m monai.bundle` needs the `fire` package")
     bundle = tmp_path / "segmentation"
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("smoke", "models", "eval", "__pycache__"))
     configs = "['configs/train.json','configs/smoke.json','configs/multi_gpu_train.json']"
@@ -212,13 +210,11 @@ def test_torchrun_two_cpu_ranks_save_plain_state_dict(tmp_path):
 
 
 def test_verify_bundle_passes():
-    pytest.importorskip("jsonschema", reason="monai.bundle.verify_metadata needs `jsonschema`")
     assert verify_bundle(BUNDLE, network_overrides={"feature_size": SMOKE_FEATURES}) == []
 
 
 @pytest.mark.parametrize("field", ["network_data_format", "version", "monai_version", "authors"])
 def test_verify_bundle_fails_without_required_metadata(tmp_path, field):
-    pytest.importorskip("jsonschema", reason="monai.bundle.verify_metadata needs `jsonschema`")
     bundle = tmp_path / "segmentation"
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("smoke", "models", "eval"))
     meta = json.loads(META.read_text())
@@ -229,7 +225,6 @@ def test_verify_bundle_fails_without_required_metadata(tmp_path, field):
 
 
 def test_verify_bundle_fails_when_channel_count_disagrees(tmp_path):
-    pytest.importorskip("jsonschema", reason="monai.bundle.verify_metadata needs `jsonschema`")
     bundle = tmp_path / "segmentation"
     shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("smoke", "models", "eval"))
     meta = json.loads(META.read_text())

