@@ -85,9 +85,9 @@ def _cmd_anomaly_map(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from medssl3d.demo import run_demo
+    from medssl3d.demo import QUICK, DemoConfig, run_demo
 
-    return run_demo(cache_dir=args.cache_dir, out_dir=args.out_dir)
+    return run_demo(cache_dir=args.cache_dir, out_dir=args.out_dir, config=QUICK if args.quick else DemoConfig())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", _cmd_demo, "The end-to-end demo on the real sample data.")
     p.add_argument("--cache-dir", default=None, help="sample-data cache folder")
     p.add_argument("--out-dir", default="outputs/demo", help="where the demo writes its results")
+    p.add_argument("--quick", action="store_true", help="a few steps of each stage: checks the plumbing only")
     return parser
 
 

@@ -111,7 +111,7 @@ class DiraConfig:
         unet_features: BasicUNet widths (network "unet").
         in_channels: input (and restored) channels.
         use_checkpoint: gradient checkpointing in the Swin blocks.
-        proj_hidden_dim: hidden width of the projector (and its depth's layers).
+        proj_hidden_dim: hidden width of the projector's layers.
         moco_dim: MoCo embedding width (MoCo v2's 128).
         moco_queue_size: MoCo queue length K.
         moco_temperature: MoCo InfoNCE temperature.

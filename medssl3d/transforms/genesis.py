@@ -27,7 +27,6 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data.meta_obj import get_track_meta
 from monai.transforms import Compose, MapTransform, OneOf, RandomizableTransform
 from monai.transforms.utility.dictionary import Identityd
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
@@ -148,10 +147,9 @@ class RandBezierIntensity(RandomizableTransform):
             return img
         if self.curve is None:
             raise RuntimeError("call randomize() before applying RandBezierIntensity with randomize=False")
-        t = convert_to_tensor(img, track_meta=get_track_meta())
+        t = convert_to_tensor(img, track_meta=False)
         xs, ys = (torch.as_tensor(a, dtype=torch.float64, device=t.device) for a in self.curve)
-        out = _interp(t.as_tensor().double() if hasattr(t, "as_tensor") else t.double(), xs, ys)
-        return convert_to_dst_type(out.to(t.dtype), img)[0]
+        return convert_to_dst_type(_interp(t.double(), xs, ys).to(t.dtype), img)[0]
 
 
 class RandLocalShuffle(RandomizableTransform):
