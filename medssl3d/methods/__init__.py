@@ -14,6 +14,7 @@ from medssl3d.methods.base import SSLMethod, StepInfo
 METHODS: dict[str, str] = {
     "ace": "medssl3d.methods.ace:build_ace",
     "afire": "medssl3d.methods.afire:build_afire",
+    "alice": "medssl3d.methods.alice:build_alice",
     "dira": "medssl3d.methods.dira:build_dira",
     "swin_ssl": "medssl3d.methods.swin_ssl:build_swin_ssl",
 }
