@@ -28,8 +28,7 @@ stage the last Swin stage (``layers4``) receives no gradient: it is exported unt
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,14 +40,12 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
 )
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
-from medssl3d.data.errors import InputError
 from medssl3d.engine.schedules import linear_warmup
 from medssl3d.losses.balanced_bce import BalancedBCEWithLogitsLoss
 from medssl3d.losses.dino import DINOLoss
+from medssl3d.methods import presets
 from medssl3d.methods.base import SSLMethod, StepInfo, make_teacher
 from medssl3d.networks.backbones import Backbone, SwinBackbone, ViTBackbone
 from medssl3d.networks.compose import Composition, Decomposition, DenseHead
@@ -190,34 +187,8 @@ class AceConfig:
 
 
 def config_from_yaml(path: str | os.PathLike, preset: str = "base", **overrides: Any) -> AceConfig:
-    """Read a preset of ``configs/methods/ace.yaml`` (a mapping of preset name to fields).
-
-    Args:
-        path: the YAML file.
-        preset: the preset name, e.g. "base", "k8192", "tiny" or "vit_tiny".
-        **overrides: field values that win over the preset.
-
-    Raises:
-        InputError: the file is missing, or the preset has an unknown key or a wrongly typed value.
-        ValueError: an unknown preset or a bad override.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise InputError(path, "method preset file not found")
-    presets = OmegaConf.load(path)
-    if preset not in presets:
-        raise ValueError(f"unknown ace preset {preset!r}; {path} has {sorted(presets)}")
-    schema = OmegaConf.structured(AceConfig)
-    try:
-        merged = OmegaConf.merge(schema, presets[preset])
-    except OmegaConfBaseException as e:
-        raise InputError(path, f"bad preset {preset!r}: {e}") from e
-    try:
-        merged = OmegaConf.merge(merged, overrides)
-    except OmegaConfBaseException as e:
-        names = ", ".join(f.name for f in fields(AceConfig))
-        raise ValueError(f"bad ace override {overrides}: {e} (fields: {names})") from e
-    return OmegaConf.to_object(merged)
+    """Read a preset of ``configs/methods/ace.yaml`` (see :func:`medssl3d.methods.presets.config_from_yaml`)."""
+    return presets.config_from_yaml(AceConfig, path, preset, **overrides)
 
 
 def correspondence_targets(offset: Tensor, n: int, direction: str, kernel: int, sigma: float) -> Tensor:
@@ -451,11 +422,7 @@ def build_ace(**cfg: Any) -> Ace:
     Raises:
         ValueError: an unknown field or a bad value.
     """
-    known = {f.name for f in fields(AceConfig)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"unknown AceConfig fields {unknown}; known: {sorted(known)}")
-    return Ace(AceConfig(**cfg))
+    return Ace(presets.config_from_kwargs(AceConfig, **cfg))
 
 
 def ace_transforms(

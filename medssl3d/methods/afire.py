@@ -15,7 +15,6 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +25,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
-from medssl3d.data.errors import InputError
 from medssl3d.engine.distributed import all_reduce_mean
 from medssl3d.losses.afire import (
     STRUCTURAL_TEMPERATURE,
@@ -36,6 +34,7 @@ from medssl3d.losses.afire import (
     StructuralLoss,
 )
 from medssl3d.losses.sinkhorn import DEFAULT_EPSILON, DEFAULT_ITERATIONS, sinkhorn_knopp
+from medssl3d.methods import presets
 from medssl3d.methods.base import SSLMethod, StepInfo, make_teacher
 from medssl3d.networks.backbones import VIT_PATCH_SIZE, ViTBackbone
 from medssl3d.networks.mask_decoder import DECODER_DEPTH, DECODER_DIM, DECODER_HEADS, MaskTokenDecoder
@@ -187,23 +186,8 @@ def _merge_config(base, overrides: Mapping[str, Any], what: str) -> AfireConfig:
 
 
 def config_from_yaml(path: str | os.PathLike, preset: str = "base", **overrides: Any) -> AfireConfig:
-    """Read a preset of ``configs/methods/afire.yaml`` (a mapping of preset name to fields).
-
-    Raises:
-        InputError: the file is missing, or the preset has an unknown key or a wrongly typed value.
-        ValueError: an unknown preset or a bad override.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise InputError(path, "method preset file not found")
-    presets = OmegaConf.load(path)
-    if preset not in presets:
-        raise ValueError(f"unknown afire preset {preset!r}; {path} has {sorted(presets)}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(AfireConfig), presets[preset])
-    except OmegaConfBaseException as e:
-        raise InputError(path, f"bad preset {preset!r}: {e}") from e
-    return _merge_config(merged, overrides, "override")
+    """Read a preset of ``configs/methods/afire.yaml`` (see :func:`medssl3d.methods.presets.config_from_yaml`)."""
+    return presets.config_from_yaml(AfireConfig, path, preset, **overrides)
 
 
 def config_from_checkpoint(model_state: Mapping[str, Any], **overrides: Any) -> AfireConfig:
@@ -419,11 +403,7 @@ def build_afire(**cfg: Any) -> Afire:
     Raises:
         ValueError: an unknown field or a bad value.
     """
-    known = {f.name for f in fields(AfireConfig)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"unknown AfireConfig fields {unknown}; known: {sorted(known)}")
-    return Afire(AfireConfig(**cfg))
+    return Afire(presets.config_from_kwargs(AfireConfig, **cfg))
 
 
 def afire_transforms(

@@ -19,22 +19,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from monai.transforms import Compose, DeleteItemsd, EnsureTyped
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
-from medssl3d.data.errors import InputError
 from medssl3d.engine.schedules import linear_warmup
 from medssl3d.losses.dino import DEFAULT_CENTER_MOMENTUM, DEFAULT_STUDENT_TEMP, DEFAULT_TEACHER_TEMP, DINOLoss
+from medssl3d.methods import presets
 from medssl3d.methods.base import SSLMethod, StepInfo, make_teacher
-from medssl3d.networks.backbones import BackboneOutput, SwinBackbone
+from medssl3d.networks.backbones import SwinBackbone
 from medssl3d.networks.casa import CASA, DEFAULT_DIM, DEFAULT_DROPOUT, DEFAULT_FFN_DIM, DEFAULT_HEADS
 from medssl3d.networks.heads import DINO_BOTTLENECK_DIM, DINO_HIDDEN_DIM, DINO_N_LAYERS, L2_EPS, DINOHead
 from medssl3d.transforms.correspondence import DEFAULT_CROP, DEFAULT_FOREGROUND_THRESHOLD, CorrespondenceProvider
@@ -191,44 +188,8 @@ class AliceConfig:
 
 
 def config_from_yaml(path: str | os.PathLike, preset: str = "base", **overrides: Any) -> AliceConfig:
-    """Read a preset of ``configs/methods/alice.yaml`` (a mapping of preset name to fields).
-
-    Raises:
-        InputError: the file is missing, or the preset has an unknown key or a wrongly typed value.
-        ValueError: an unknown preset or a bad override.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise InputError(path, "method preset file not found")
-    presets = OmegaConf.load(path)
-    if preset not in presets:
-        raise ValueError(f"unknown alice preset {preset!r}; {path} has {sorted(presets)}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(AliceConfig), presets[preset])
-    except OmegaConfBaseException as e:
-        raise InputError(path, f"bad preset {preset!r}: {e}") from e
-    try:
-        merged = OmegaConf.merge(merged, overrides)
-    except OmegaConfBaseException as e:
-        raise ValueError(f"bad alice override {overrides}: {e}") from e
-    return OmegaConf.to_object(merged)
-
-
-def _decode(backbone: SwinBackbone, x: Tensor, out: BackboneOutput, full: bool = True) -> tuple[Tensor, Tensor | None]:
-    """SwinUNETR's decoder, returning its first stage too (``SwinBackbone.decode`` gives only the last).
-
-    Returns:
-        The first decoder stage ``(B, 8 f, D/16, H/16, W/16)`` and, with ``full``, the last one
-        ``(B, f, D, H, W)`` (else None).
-    """
-    h, net = out.features, backbone.net
-    first = net.decoder5(net.encoder10(h[4]), h[3])
-    if not full:
-        return first, None
-    dec2 = net.decoder4(first, net.encoder4(h[2]))
-    dec1 = net.decoder3(dec2, net.encoder3(h[1]))
-    dec0 = net.decoder2(dec1, net.encoder2(h[0]))
-    return first, net.decoder1(dec0, net.encoder1(x))
+    """Read a preset of ``configs/methods/alice.yaml`` (see :func:`medssl3d.methods.presets.config_from_yaml`)."""
+    return presets.config_from_yaml(AliceConfig, path, preset, **overrides)
 
 
 def _tokens(fmap: Tensor) -> Tensor:
@@ -276,7 +237,8 @@ class AliceStudent(nn.Module):
             the projected encoder tokens ``(B, N, proj_dim)`` (CASA' queries); ``recon`` ``(B, C, D, H, W)``.
         """
         out = self.backbone(x)
-        first, last = _decode(self.backbone, x, out)
+        stages = self.backbone.decode_stages(x, out)
+        first, last = stages[0], stages[-1]
         enc = self.enc_proj(out.tokens)
         dec = self.dec_proj(_tokens(first))
         return {
@@ -340,7 +302,7 @@ class Alice(SSLMethod):
         if self.config.casa_variant == "paper":
             context, casa = enc, t["casa"]
         else:
-            first, _ = _decode(t["backbone"], x, out, full=False)
+            (first,) = t["backbone"].decode_stages(x, out, num_stages=1)
             context, casa = t["dec_proj"](_tokens(first)), self.student.casa
         return {"cls": t["head"](enc.mean(dim=1)), "patch": t["head"](casa(query, context))}
 
@@ -401,11 +363,7 @@ def build_alice(provider: CorrespondenceProvider | None = None, **cfg: Any) -> A
     Raises:
         ValueError: an unknown field or a bad value.
     """
-    known = {f.name for f in fields(AliceConfig)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"unknown AliceConfig fields {unknown}; known: {sorted(known)}")
-    return Alice(AliceConfig(**cfg), provider=provider)
+    return Alice(presets.config_from_kwargs(AliceConfig, **cfg), provider=provider)
 
 
 def alice_transforms(

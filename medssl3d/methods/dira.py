@@ -25,8 +25,7 @@ import functools
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,15 +42,13 @@ from monai.transforms import (
     Resized,
     SpatialPadd,
 )
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
-from medssl3d.data.errors import InputError
 from medssl3d.engine.checkpoint import check_compatible, load_checkpoint
 from medssl3d.losses.barlow import DEFAULT_LAMBDA, BarlowTwinsLoss
 from medssl3d.losses.lsgan import LSGANLoss
 from medssl3d.losses.moco import DEFAULT_QUEUE_SIZE, DEFAULT_TEMPERATURE, MoCoLoss
+from medssl3d.methods import presets
 from medssl3d.methods.base import Auxiliary, SSLMethod, StepInfo, make_teacher
 from medssl3d.networks.backbones import Backbone, SwinBackbone
 from medssl3d.networks.patchgan import DEFAULT_BASE_CHANNELS, DEFAULT_NUM_LAYERS, PatchDiscriminator3D
@@ -191,37 +188,10 @@ class DiraConfig:
 
 
 def config_from_yaml(path: str | os.PathLike, preset: str = "base", **overrides: Any) -> DiraConfig:
-    """Read a preset of ``configs/methods/dira.yaml`` (a mapping of preset name to fields).
-
-    Args:
-        path: the YAML file.
-        preset: the preset name (a top-level key), e.g. "base", "tiny" or "unet".
-        **overrides: field values that win over the preset (e.g. ``stage="dir"``).
-
-    Raises:
-        InputError: the file is missing, or the preset has an unknown key or a wrongly typed value.
-        ValueError: an unknown preset or a bad override.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise InputError(path, "method preset file not found")
-    presets = OmegaConf.load(path)
-    if preset not in presets:
-        raise ValueError(f"unknown dira preset {preset!r}; {path} has {sorted(presets)}")
-    schema = OmegaConf.structured(DiraConfig)
-    try:
-        merged = OmegaConf.merge(schema, presets[preset])
-    except OmegaConfBaseException as e:
-        raise InputError(path, f"bad preset {preset!r}: {e}") from e
-    try:
-        merged = OmegaConf.merge(merged, overrides)
-    except OmegaConfBaseException as e:
-        names = ", ".join(f.name for f in fields(DiraConfig))
-        raise ValueError(f"bad dira override {overrides}: {e} (fields: {names})") from e
-    return OmegaConf.to_object(merged)
+    """Read a preset of ``configs/methods/dira.yaml`` (see :func:`medssl3d.methods.presets.config_from_yaml`)."""
+    return presets.config_from_yaml(DiraConfig, path, preset, **overrides)
 
 
-# ------------------------------------------------------------------------------------------ networks
 def _backbone(cfg: DiraConfig, with_decoder: bool) -> Backbone:
     if cfg.network == "swin":
         return SwinBackbone(size=cfg.backbone_size, in_channels=cfg.in_channels, with_decoder=with_decoder,
@@ -443,11 +413,7 @@ def build_dira(**cfg: Any) -> DiRA:
     Raises:
         ValueError: an unknown field or a bad value.
     """
-    known = {f.name for f in fields(DiraConfig)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"unknown DiraConfig fields {unknown}; known: {sorted(known)}")
-    return DiRA(DiraConfig(**cfg))
+    return DiRA(presets.config_from_kwargs(DiraConfig, **cfg))
 
 
 def init_from_checkpoint(method: DiRA, path: str | os.PathLike | None) -> DiRA:

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from monai.transforms import Compose, DeleteItemsd, EnsureTyped
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
-from medssl3d.data.errors import InputError
 from medssl3d.losses.ntxent import DEFAULT_TEMPERATURE, NTXentLoss
+from medssl3d.methods import presets
 from medssl3d.methods.base import SSLMethod, StepInfo
 from medssl3d.networks.backbones import SwinBackbone
 from medssl3d.networks.conv_decoder import DEFAULT_NUM_STAGES, ConvDecoder
@@ -111,37 +108,8 @@ class SwinSSLConfig:
 
 
 def config_from_yaml(path: str | os.PathLike, preset: str = "base", **overrides: Any) -> SwinSSLConfig:
-    """Read a preset of ``configs/methods/swin_ssl.yaml`` (a mapping of preset name to fields).
-
-    Args:
-        path: the YAML file.
-        preset: the preset name (a top-level key), e.g. "base" or "tiny".
-        **overrides: field values that win over the preset.
-
-    Returns:
-        The config.
-
-    Raises:
-        InputError: the file is missing, or the preset has an unknown key or a wrongly typed value.
-        ValueError: an unknown preset or a bad override.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise InputError(path, "method preset file not found")
-    presets = OmegaConf.load(path)
-    if preset not in presets:
-        raise ValueError(f"unknown swin_ssl preset {preset!r}; {path} has {sorted(presets)}")
-    schema = OmegaConf.structured(SwinSSLConfig)
-    try:
-        merged = OmegaConf.merge(schema, presets[preset])
-    except OmegaConfBaseException as e:
-        raise InputError(path, f"bad preset {preset!r}: {e}") from e
-    try:
-        merged = OmegaConf.merge(merged, overrides)
-    except OmegaConfBaseException as e:
-        names = ", ".join(f.name for f in fields(SwinSSLConfig))
-        raise ValueError(f"bad swin_ssl override {overrides}: {e} (fields: {names})") from e
-    return OmegaConf.to_object(merged)
+    """Read a preset of ``configs/methods/swin_ssl.yaml`` (see :func:`medssl3d.methods.presets.config_from_yaml`)."""
+    return presets.config_from_yaml(SwinSSLConfig, path, preset, **overrides)
 
 
 class SwinSSLStudent(nn.Module):
@@ -261,11 +229,7 @@ def build_swin_ssl(**cfg: Any) -> SwinSSL:
     Raises:
         ValueError: an unknown field or a bad value.
     """
-    known = {f.name for f in fields(SwinSSLConfig)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"unknown SwinSSLConfig fields {unknown}; known: {sorted(known)}")
-    return SwinSSL(SwinSSLConfig(**cfg))
+    return SwinSSL(presets.config_from_kwargs(SwinSSLConfig, **cfg))
 
 
 def swin_ssl_transforms(

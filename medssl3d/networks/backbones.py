@@ -43,6 +43,10 @@ NET_PREFIX = "net."
 # --------------------------------------------------------------------------------------
 # Sizes: the one place for the architecture numbers.
 # --------------------------------------------------------------------------------------
+# SwinUNETR decoder stages, from the stride-16 one (decoder5) to full resolution (decoder1)
+DECODER_STAGES = 5
+
+
 @dataclass(frozen=True)
 class SwinSize:
     """SwinUNETR encoder hyper-parameters (MONAI defaults apart from ``feature_size``)."""
@@ -325,19 +329,43 @@ class SwinBackbone(Backbone):
         Raises:
             RuntimeError: when the backbone was built with ``with_decoder=False``.
         """
+        return self.decode_stages(x, out)[-1]
+
+    def decode_stages(self, x: Tensor, out: BackboneOutput, num_stages: int = DECODER_STAGES) -> list[Tensor]:
+        """The first ``num_stages`` outputs of SwinUNETR's decoder, coarsest first; later stages are not computed.
+
+        Args:
+            x: the input given to :meth:`forward`, ``(B, C_in, D, H, W)``.
+            out: what :meth:`forward` returned for ``x``.
+            num_stages: how many decoder stages to run (1 to 5).
+
+        Returns:
+            Stage ``i`` (0-based) is ``(B, C_i, D / 2^(4-i), H / 2^(4-i), W / 2^(4-i))`` with ``C`` =
+            8, 4, 2, 1, 1 × ``feature_size``; the last of five is what :meth:`decode` returns.
+
+        Raises:
+            RuntimeError: when the backbone was built with ``with_decoder=False``.
+            ValueError: ``num_stages`` outside 1..5.
+        """
         if not self.with_decoder:
             raise RuntimeError("SwinBackbone.decode needs with_decoder=True")
+        if not 1 <= num_stages <= DECODER_STAGES:
+            raise ValueError(f"num_stages must be in 1..{DECODER_STAGES}, got {num_stages}")
         h, net = out.features, self.net
-        enc0 = net.encoder1(x)
-        enc1 = net.encoder2(h[0])
-        enc2 = net.encoder3(h[1])
-        enc3 = net.encoder4(h[2])
-        dec4 = net.encoder10(h[4])
-        dec3 = net.decoder5(dec4, h[3])
-        dec2 = net.decoder4(dec3, enc3)
-        dec1 = net.decoder3(dec2, enc2)
-        dec0 = net.decoder2(dec1, enc1)
-        return net.decoder1(dec0, enc0)
+        # the skip of each stage, computed only when that stage runs
+        skips = (
+            lambda: h[3],
+            lambda: net.encoder4(h[2]),
+            lambda: net.encoder3(h[1]),
+            lambda: net.encoder2(h[0]),
+            lambda: net.encoder1(x),
+        )
+        decoders = (net.decoder5, net.decoder4, net.decoder3, net.decoder2, net.decoder1)
+        y, stages = net.encoder10(h[4]), []
+        for decoder, skip in zip(decoders[:num_stages], skips[:num_stages], strict=True):
+            y = decoder(y, skip())
+            stages.append(y)
+        return stages
 
 
 # --------------------------------------------------------------------------------------

@@ -166,3 +166,18 @@ def test_swin_fused_attention_matches_plain_at_inference():
     x = _volume(32)
     with torch.no_grad():
         torch.testing.assert_close(fused(x).tokens, plain(x).tokens, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_stages_end_with_decode_and_stop_early():
+    torch.manual_seed(0)
+    backbone = SwinBackbone(size="tiny", with_decoder=True).eval()
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        out = backbone(x)
+        stages = backbone.decode_stages(x, out)
+        assert [s.shape[-1] for s in stages] == [4, 8, 16, 32, 64]
+        assert [s.shape[1] for s in stages] == [96, 48, 24, 12, 12]
+        torch.testing.assert_close(stages[-1], backbone.decode(x, out))
+        torch.testing.assert_close(backbone.decode_stages(x, out, num_stages=1)[0], stages[0])
+    with pytest.raises(ValueError, match="num_stages"):
+        backbone.decode_stages(x, out, num_stages=6)
