@@ -58,13 +58,13 @@ class DemoConfig:
     spacing_mm: float = 3.0
     roi: int = 64
     backbone_size: str = "tiny"
-    pretrain_steps: int = 40
+    pretrain_steps: int = 16
     pretrain_batch: int = 2
     pretrain_lr: float = 5e-4
-    finetune_epochs: int = 40
+    finetune_epochs: int = 16
     finetune_samples: int = 2
     finetune_lr: float = 1e-3
-    val_interval: int = 10
+    val_interval: int = 4
     seed: int = 0
     budget_minutes: int = 15
 
