@@ -9,13 +9,14 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_TORCH_INDEX = $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 PY = $(VENV)/bin/python
-PYTEST_ARGS ?=
+# one pytest worker per core: most tests are single-threaded set-up, imports and subprocesses
+PYTEST_ARGS ?= -n auto
 
 .PHONY: demo test install lint
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+
 	$(PY) -m pip install -q $(PIP_TORCH_INDEX) $(TORCH) -e ".[test]"
 	touch $@
 

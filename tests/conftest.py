@@ -1,6 +1,7 @@
 """Shared fixtures: synthetic phantoms and cases written to disk (NIfTI, DICOM)."""
 
 import pytest
+import torch
 
 from medssl3d.data.phantoms import make_phantom, write_case
 
@@ -40,3 +41,16 @@ def dicom_case(tmp_path):
     """Factory: ``dicom_case(name="case", phantom=None, with_label=True, **write_dicom_series kwargs)``
     -> {"image": series folder, "label": .nii.gz}."""
     return _case_factory(tmp_path, "dicom")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's training tests, restored afterwards.
+
+    On a shared 2-core machine a second thread mostly spin-waits; tests that train use
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -10,20 +10,14 @@ from medssl3d.data.presets import CT_PRESET, build_preset
 from medssl3d.engine.trainer import Pretrainer
 from medssl3d.methods.afire import afire_transforms, build_afire
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHAPE = (64, 64, 64)
 STEPS = 12
 LESION_RADIUS = 6
 LESION_HU = 150.0
 # Measured: voxel AUC of the restoration error 0.97 after 4 to 30 steps; demand 0.9.
 MIN_RESTORATION_AUC = 0.9
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _auc(scores, positive):

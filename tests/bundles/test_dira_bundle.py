@@ -8,16 +8,9 @@ from monai.bundle import ConfigWorkflow
 
 from medssl3d.engine.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "dira"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # One intra-op thread: on a shared 2-core machine a second thread mostly spin-waits.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _workflow(smoke_dir: Path, stage: str, max_steps: int) -> ConfigWorkflow:

@@ -22,6 +22,8 @@ from medssl3d.methods.base import StepInfo
 from medssl3d.networks.backbones import BackboneOutput
 from medssl3d.transforms.grid_crops import GridCropGeometry
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "methods" / "ace.yaml"
 STEP = StepInfo(step=0, total_steps=1, epoch=0)
 # Tiny sizes: Swin/ViT tiny, K = 256 and narrow heads (the heads, not the backbone, dominate a ViT-tiny step).
@@ -40,15 +42,6 @@ def _batch(grid_n, batch_size, shape, seed=0, token_stride=16):
     t.set_random_state(seed=seed)
     volume = _phantom(shape, seed)
     return list_data_collate([t({"image": volume}) for _ in range(batch_size)])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One intra-op thread: on a shared 2-core machine a second thread mostly spin-waits.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

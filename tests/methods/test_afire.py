@@ -20,18 +20,11 @@ from medssl3d.methods.base import StepInfo
 from medssl3d.networks.backbones import BACKBONE_SIZES
 from medssl3d.transfer.export import load_pretrained
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "methods" / "afire.yaml"
 TINY = {"backbone_size": "tiny", "img_size": 64, "num_prototypes": 16}
 STEP = StepInfo(step=0, total_steps=1, epoch=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One intra-op thread: on a shared 2-core machine a second thread mostly spin-waits.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _volume(seed=0, shape=(72, 64, 80)):

@@ -17,6 +17,8 @@ from medssl3d.methods.base import StepInfo
 from medssl3d.transforms.feature_match import FeatureProvider
 from medssl3d.transforms.paired_crops import build_provider
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "methods" / "alice.yaml"
 ROI = (64, 32, 32)  # the smallest crop SwinUNETR's bottleneck instance norm accepts (2 x 1 x 1)
 # tiny Swin and narrow heads (K = 64) keep a step to a few seconds on a CPU core
@@ -24,15 +26,6 @@ SMALL = dict(backbone_size="tiny", roi_size=ROI, proj_dim=64, head_hidden_dim=64
              out_dim=64, casa_ffn_dim=128)
 STEP = StepInfo(step=0, total_steps=10, epoch=0)
 RUN_STEPS = 5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One intra-op thread: on a shared 2-core machine a second thread mostly spin-waits.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _volume(seed):

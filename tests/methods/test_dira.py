@@ -21,21 +21,14 @@ from medssl3d.methods.dira import (
 )
 from medssl3d.transfer.export import load_pretrained
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "methods" / "dira.yaml"
 ROI = (32, 32, 32)
 STEP = StepInfo(step=0, total_steps=1, epoch=0)
 # A U-Net small enough for unit tests at 32^3; the Swin preset is exercised by the export test and the bundle.
 TINY = dict(network="unet", unet_features=(4, 4, 8, 8, 16, 4), proj_hidden_dim=32, moco_dim=16, barlow_dim=16,
             simsiam_dim=16, simsiam_pred_dim=8, moco_queue_size=8, disc_channels=4)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One intra-op thread: on a shared 2-core machine a second thread mostly spin-waits.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _phantom(shape, seed=0):

@@ -15,6 +15,8 @@ from medssl3d.methods.swin_ssl import (
     swin_ssl_transforms,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "methods" / "swin_ssl.yaml"
 SMALL_ROI = (64, 32, 32)  # the smallest crop giving the two bottleneck tokens the heads read
 STEP = StepInfo(step=0, total_steps=1, epoch=0)
@@ -32,15 +34,6 @@ def _batch(roi, batch_size, seed=0):
     t.set_random_state(seed=seed)
     volume = _phantom(tuple(s + 8 for s in roi), seed)
     return list_data_collate([t({"image": volume}) for _ in range(batch_size)])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One intra-op thread: on a shared 2-core machine a second thread mostly spin-waits.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
