@@ -9,8 +9,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_TORCH_INDEX = $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 PY = $(VENV)/bin/python
-# one pytest worker per core: most tests are single-threaded set-up, imports and subprocesses
-PYTEST_ARGS ?= -n auto
+PYTEST_ARGS ?=
 
 .PHONY: demo test install lint
 

@@ -43,14 +43,18 @@ def method():
 
 
 def test_transforms_give_the_batch_the_method_reads():
-    sample = swin_ssl_transforms((32, 32, 32))({"image": _phantom((40, 40, 48))})
+    transform = swin_ssl_transforms((32, 32, 32))
+    transform.set_random_state(seed=0)
+    sample = transform({"image": _phantom((40, 40, 48))})
     assert set(sample) == {f"view{i}{s}" for i in (1, 2) for s in ("", "_cutout", "_rot", "_cutout_fraction")}
     for v in ("view1", "view2"):
         assert sample[v].shape == sample[f"{v}_cutout"].shape == (1, 32, 32, 32)
         assert 0 < float(sample[f"{v}_cutout_fraction"]) <= 0.3
         assert int(sample[f"{v}_rot"]) in range(4)
         changed = (sample[v] != sample[f"{v}_cutout"]).float().mean()
-        assert float(changed) == pytest.approx(float(sample[f"{v}_cutout_fraction"]))
+        # noise can redraw a voxel's own value, so a few cut voxels may look unchanged; none outside may change
+        fraction = float(sample[f"{v}_cutout_fraction"])
+        assert fraction - 1e-3 <= float(changed) <= fraction
 
 
 def test_forward_at_64_returns_finite_loss_and_parts(method):
