@@ -39,6 +39,22 @@ class _ZeroGrad(torch.autograd.Function):
         return torch.zeros_like(grad)
 
 
+def dino_mlp(in_dim: int, hidden_dim: int, out_dim: int, n_layers: int) -> nn.Sequential:
+    """DINO's projection trunk: ``n_layers`` linear layers ``in → hidden → … → out`` with GELU between them.
+
+    Linear weights are drawn from a truncated normal (std ``DINO_INIT_STD``), biases start at zero.
+    """
+    dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [out_dim]
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        layers.append(nn.Linear(d_in, d_out))
+        if i < n_layers - 1:
+            layers.append(nn.GELU())
+    mlp = nn.Sequential(*layers)
+    mlp.apply(_init_linear)
+    return mlp
+
+
 class DINOHead(nn.Module):
     """DINO-style head (methods.md §0): MLP, L2 normalisation, weight-normalised prototypes.
 
@@ -73,14 +89,7 @@ class DINOHead(nn.Module):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"DINOHead n_layers must be >= 1, got {n_layers}")
-        dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
-        layers: list[nn.Module] = []
-        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
-            layers.append(nn.Linear(d_in, d_out))
-            if i < n_layers - 1:
-                layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers)
-        self.mlp.apply(_init_linear)
+        self.mlp = dino_mlp(in_dim, hidden_dim, bottleneck_dim, n_layers)
         self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
         self.freeze_last_layer = False
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from monai.networks.layers import trunc_normal_
 from torch import Tensor, nn
 
-from medssl3d.networks.heads import DINO_INIT_STD, L2_EPS
+from medssl3d.networks.heads import DINO_INIT_STD, L2_EPS, dino_mlp
 
 __all__ = ["SpatialAwareHead"]
 
@@ -55,17 +55,7 @@ class SpatialAwareHead(nn.Module):
                 f"sizes must be positive, got in_dim={in_dim}, num_positions={num_positions}, "
                 f"num_prototypes={num_prototypes}, hidden_dim={hidden_dim}, bottleneck_dim={bottleneck_dim}"
             )
-        dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
-        layers: list[nn.Module] = []
-        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
-            layers.append(nn.Linear(d_in, d_out))
-            if i < n_layers - 1:
-                layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers)
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):  # DINO's initialisation, as in DINOHead
-                trunc_normal_(m.weight, std=DINO_INIT_STD)
-                nn.init.zeros_(m.bias)
+        self.mlp = dino_mlp(in_dim, hidden_dim, bottleneck_dim, n_layers)
         self.num_positions = num_positions
         # weight[j] is position j's (K, d) prototype layer; its rows are normalised in forward.
         self.weight = nn.Parameter(torch.empty(num_positions, num_prototypes, bottleneck_dim))
