@@ -112,6 +112,14 @@ class Phantom:
         """Voxel size in mm along each array axis."""
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
 
+    def windowed(self, low: float = -200.0, high: float = 300.0) -> np.ndarray:
+        """The image clipped to ``[low, high]`` and min-max scaled to [0, 1], ``(D, H, W)`` float32.
+
+        A quick stand-in for a preset's intensity scaling when a test feeds a phantom straight to a method.
+        """
+        image = np.clip(self.image, low, high)
+        return (image - image.min()) / (image.max() - image.min())
+
 
 def rotation_matrix(rotation_deg: tuple[float, float, float]) -> np.ndarray:
     """Rotation about the world x, then y, then z axes (degrees), as a (3, 3) matrix."""

@@ -187,3 +187,15 @@ def test_write_itk_image_and_case_formats(tmp_path):
         assert case["label"].endswith(f"c_{fmt}_seg.nii.gz")
     case = write_case(tmp_path, "c_dicom", phantom, fmt="dicom", with_label=False)
     assert set(case) == {"image"} and len(list((tmp_path / "c_dicom").glob("*.dcm"))) == 16
+
+
+def test_windowed_clips_and_scales_to_unit_range():
+    phantom = make_phantom(shape=(32, 32, 32), seed=1)
+    image = phantom.windowed(-200.0, 300.0)
+    assert image.dtype == np.float32 and image.shape == phantom.image.shape
+    assert image.min() == 0.0 and image.max() == 1.0
+    inside = (phantom.image > -200.0) & (phantom.image < 300.0)
+    expected = (phantom.image[inside] - max(phantom.image.min(), -200.0)) / (
+        min(phantom.image.max(), 300.0) - max(phantom.image.min(), -200.0)
+    )
+    np.testing.assert_allclose(image[inside], expected, rtol=1e-5, atol=1e-6)

@@ -31,10 +31,7 @@ TINY = {"backbone_size": "tiny", "out_dim": 256, "dino_hidden_dim": 256, "dense_
 
 
 def _phantom(shape, seed=0):
-    # A CT phantom windowed to [0, 1] like the CT preset.
-    image = torch.from_numpy(make_phantom(shape=shape, seed=seed).image)[None]
-    image = image.clamp(-200.0, 300.0)
-    return (image - image.min()) / (image.max() - image.min())
+    return torch.from_numpy(make_phantom(shape=shape, seed=seed).windowed())[None]
 
 
 def _batch(grid_n, batch_size, shape, seed=0, token_stride=16):

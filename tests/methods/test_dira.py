@@ -32,8 +32,7 @@ TINY = dict(network="unet", unet_features=(4, 4, 8, 8, 16, 4), proj_hidden_dim=3
 
 
 def _phantom(shape, seed=0):
-    image = torch.from_numpy(make_phantom(shape=shape, seed=seed).image)[None].clamp(-200.0, 300.0)
-    return (image - image.min()) / (image.max() - image.min())
+    return torch.from_numpy(make_phantom(shape=shape, seed=seed).windowed())[None]
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,7 @@ STEP = StepInfo(step=0, total_steps=1, epoch=0)
 
 
 def _phantom(shape, seed=0):
-    # A CT phantom (body, organs, bone) windowed to [0, 1] like the CT preset.
-    image = torch.from_numpy(make_phantom(shape=shape, seed=seed).image)[None]
-    image = image.clamp(-200.0, 300.0)
-    return (image - image.min()) / (image.max() - image.min())
+    return torch.from_numpy(make_phantom(shape=shape, seed=seed).windowed())[None]
 
 
 def _batch(roi, batch_size, seed=0):
