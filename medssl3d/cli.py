@@ -90,6 +90,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(cache_dir=args.cache_dir, out_dir=args.out_dir, config=QUICK if args.quick else DemoConfig())
 
 
+def _cmd_label_server(args: argparse.Namespace) -> int:
+    from medssl3d.serving.app import prepare_app
+    from medssl3d.serving.environment import ensure_environment
+    from medssl3d.serving.server import LabelServer, check_host
+
+    check_host(args.host, args.allow_remote)
+    env_root = ensure_environment(args.env, rebuild=args.rebuild_env)
+    app = prepare_app(args.bundle, args.app_dir, env_root, model_name=args.name)
+    print(f"app: {app.app_dir} (model {app.model_name!r}, model.pt {app.weights.summary()})")
+    if args.setup_only:
+        return 0
+    server = LabelServer(app, args.studies, env_root, host=args.host, port=args.port, allow_remote=args.allow_remote)
+    server.start()
+    print(f"MONAI Label is serving {app.model_name!r} at {server.url} (log: {server.log_path}); Ctrl-C stops it")
+    return server.wait()
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    bench = importlib.import_module(f"medssl3d.bench.{args.kind}")
+    path, table = bench.run(suite=args.suite, output=args.output, overrides=args.overrides)
+    print(table)
+    print(f"\nwrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``medssl3d`` command, one sub-parser per sub-command."""
     parser = argparse.ArgumentParser(prog="medssl3d", description=__doc__.splitlines()[0])
@@ -135,6 +162,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=int, default=0, help="voxels of margin around the foreground box")
     p.add_argument("--sigma", type=float, default=1.0, help="Gaussian smoothing of the restoration error")
     p.add_argument("--device", default="cpu", help="torch device")
+
+    p = add("label-server", _cmd_label_server,
+            "Serve a fine-tuned segmentation bundle with MONAI Label 0.8.5 (its own environment, built once).")
+    p.add_argument("bundle", help="the fine-tuned segmentation bundle folder (with models/model.pt)")
+    p.add_argument("--studies", default="outputs/label/studies", help="the studies folder (images to label)")
+    p.add_argument("--app-dir", default="outputs/label/app", help="where the monaibundle app is written")
+    p.add_argument("--name", default=None, help="model name in MONAI Label (default: the bundle folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (only 127.0.0.1 without --allow-remote)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--allow-remote", action="store_true", help="allow binding to an address other than loopback")
+    p.add_argument("--env", default=None,
+                   help="MONAI Label environment (default: $MEDSSL3D_LABEL_VENV or <data cache>/monailabel-0.8.5)")
+    p.add_argument("--rebuild-env", action="store_true", help="rebuild the environment even if it is ready")
+    p.add_argument("--setup-only", action="store_true", help="build the environment and the app, do not serve")
+
+    p = add("bench", _cmd_bench, "Benchmarks: training-step speed, view generation, label-efficient transfer.")
+    p.add_argument("kind", choices=("step", "data", "transfer"), help="which benchmark")
+    p.add_argument("--suite", default="smoke",
+                   help="a preset of configs/bench/<kind>.yaml (smoke: CPU, minutes; full: GPU) or FILE.yaml:NAME")
+    p.add_argument("-o", "--output", default=None,
+                   help="the JSON record (default outputs/bench/<kind>-<suite>-<time>.json)")
+    p.add_argument("overrides", nargs="*", help="suite overrides as key=value (e.g. methods=[swin_ssl] repeats=3)")
 
     p = add("demo", _cmd_demo, "The end-to-end demo on the real sample data.")
     p.add_argument("--cache-dir", default=None, help="sample-data cache folder")

@@ -14,7 +14,6 @@ method achieves at scale (see the README, "Performance").
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -22,7 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from medssl3d.data.presets import MRI_PRESET, cached_dataset
+from medssl3d.bundle_support.settings import bake_settings
+from medssl3d.data.presets import cached_dataset, preset_for
 from medssl3d.data.sample import fetch_sample_data
 from medssl3d.engine.trainer import Pretrainer
 from medssl3d.methods.swin_ssl import build_swin_ssl, swin_ssl_transforms
@@ -93,25 +93,25 @@ def run_demo(
     print("\n[1/4] sample data")
     data = fetch_sample_data(cache_dir)
     print(data.summary())
-    preset = dataclasses.replace(MRI_PRESET, spacing=(config.spacing_mm,) * 3)
+    preset = preset_for("mri", config.spacing_mm)
     datalist, test_case = _write_task_datalist(data.datalists[TASK], out / "brain_extraction.json")
 
     print(f"\n[2/4] pretraining the Swin UNETR SSL baseline ({config.pretrain_steps} steps, test head held out)")
     encoder = _pretrain(data.pretrain_pool(exclude_task=TASK), preset, out, config)
 
-    bundle = _prepare_bundle(out / "bundle", datalist)
+    bundle = _prepare_bundle(out / "bundle", datalist, config)
     dice = {}
     for arm in ARMS:
         print(f"\n[3/4] fine-tuning brain extraction from {arm} ({config.finetune_epochs} epochs)")
         run = out / "finetune" / arm
-        overrides = _bundle_overrides(datalist, run, preset, config)
+        overrides = _bundle_overrides(datalist, run, config)
         overrides["pretrained"] = str(encoder) if arm == "pretrained" else ""
         _run_workflow(bundle, ["train"], "train", overrides)
         _run_workflow(bundle, ["train", "evaluate"], "train", {**overrides, "eval_split": "test"})
         dice[arm] = json.loads((run / "eval" / DICE_REPORT).read_text())
         _run_workflow(
             bundle, ["inference"], "infer",
-            {**_inference_overrides(run, preset, config), "datalist": [test_case["image"]]},
+            {**_inference_overrides(run), "datalist": [test_case["image"]]},
         )
     shutil.copy2(out / "finetune" / "pretrained" / "models" / "model.pt", bundle / "models" / "model.pt")
 
@@ -174,8 +174,11 @@ def _pretrain(pool: list[dict], preset, out: Path, config: DemoConfig) -> Path:
     return save_weights(method.export_state_dict("swinunetr"), out / "pretrain" / "encoder_swinunetr.pt")
 
 
-def _prepare_bundle(target: Path, datalist: Path) -> Path:
-    """Copy the segmentation bundle and set its labels (the one place that defines them) to the task's."""
+def _prepare_bundle(target: Path, datalist: Path, config: DemoConfig) -> Path:
+    """Copy the segmentation bundle with the task's labels and the demo's network settings.
+
+    The labels go to the metadata (the one place that defines them); the network settings into the configs.
+    """
     source = BUNDLES_DIR / "segmentation"
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: the segmentation bundle is missing (run the demo from a medssl3d checkout)")
@@ -192,17 +195,19 @@ def _prepare_bundle(target: Path, datalist: Path) -> Path:
     image["modality"], image["format"] = "MR", "magnitude"
     meta["description"] += " This copy was fine-tuned by the medssl3d demo for brain extraction on T1 heads."
     meta_file.write_text(json.dumps(meta, indent=4))
+    bake_settings(target, _network_settings(config))
     return target
 
 
-def _network_overrides(preset, config: DemoConfig) -> dict:
-    return {"modality": "mri", "preset": preset, "feature_size": 12 if config.backbone_size == "tiny" else 48,
+def _network_settings(config: DemoConfig) -> dict:
+    """What the fine-tuned network is: written into the bundle's configs, which MONAI Label reads as they are."""
+    return {"modality": "mri", "spacing_mm": config.spacing_mm,
+            "feature_size": 12 if config.backbone_size == "tiny" else 48,
             "roi_size": [config.roi] * 3, "sw_batch_size": 1}
 
 
-def _bundle_overrides(datalist: Path, run: Path, preset, config: DemoConfig) -> dict:
+def _bundle_overrides(datalist: Path, run: Path, config: DemoConfig) -> dict:
     return {
-        **_network_overrides(preset, config),
         "datalist": str(datalist),
         "ckpt_dir": str(run / "models"),
         "output_dir": str(run / "eval"),
@@ -215,8 +220,8 @@ def _bundle_overrides(datalist: Path, run: Path, preset, config: DemoConfig) -> 
     }
 
 
-def _inference_overrides(run: Path, preset, config: DemoConfig) -> dict:
-    return {**_network_overrides(preset, config), "ckpt_dir": str(run / "models"), "output_dir": str(run / "pred")}
+def _inference_overrides(run: Path) -> dict:
+    return {"ckpt_dir": str(run / "models"), "output_dir": str(run / "pred")}
 
 
 def _run_workflow(bundle: Path, configs: list[str], workflow_type: str, overrides: dict) -> None:

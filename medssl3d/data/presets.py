@@ -207,6 +207,26 @@ CT_PRESET = PresetConfig(modality="ct", spacing=(CT_SPACING_MM,) * 3)
 MRI_PRESET = PresetConfig(modality="mri", spacing=(MRI_SPACING_MM,) * 3)
 
 
+def preset_for(modality: str, spacing_mm: float | Sequence[float] | None = None) -> PresetConfig:
+    """The CT or MRI preset, optionally at another spacing (the form bundles use: ``modality``, ``spacing_mm``).
+
+    Args:
+        modality: ``"ct"`` or ``"mri"`` (any case).
+        spacing_mm: one isotropic spacing or three; ``None`` keeps the preset's.
+
+    Raises:
+        ValueError: an unknown modality or a bad spacing.
+    """
+    presets = {"ct": CT_PRESET, "mri": MRI_PRESET}
+    key = str(modality).lower()
+    if key not in presets:
+        raise ValueError(f"modality must be one of {tuple(presets)}, got {modality!r}")
+    if spacing_mm is None:
+        return presets[key]
+    spacing = (spacing_mm,) * 3 if isinstance(spacing_mm, (int, float)) else tuple(spacing_mm)
+    return dataclasses.replace(presets[key], spacing=spacing)
+
+
 def preset_from_yaml(path: str | os.PathLike, **overrides) -> PresetConfig:
     """Read a :class:`PresetConfig` from YAML (e.g. ``configs/data/ct.yaml``), with keyword overrides.
 
