@@ -47,7 +47,7 @@ def cfg(*names: str) -> list[str]:
 def workflow(names, workflow_type, **override) -> ConfigWorkflow:
     return ConfigWorkflow(
         config_file=cfg(*names), meta_file=str(META), logging_file=False, workflow_type=workflow_type,
-        **override,
+        **{"metadata_file": str(META), **override},
     )
 
 
@@ -159,7 +159,7 @@ def test_label_names_and_network_agree_across_configs():
         parser = ConfigParser()
         parser.read_config(cfg(config))
         parser.read_meta(str(META))
-        parser.update({"feature_size": SMOKE_FEATURES})
+        parser.update({"bundle_root": str(BUNDLE), "feature_size": SMOKE_FEATURES})
         assert parser.get_parsed_content("label_names") == names
         assert parser.get_parsed_content("num_classes") == len(names)
         net = parser.get_parsed_content("network_def")
@@ -171,8 +171,8 @@ def test_unetr_selected_by_one_override():
     parser = ConfigParser()
     parser.read_config(cfg("train"))
     parser.read_meta(str(META))
-    parser.update({"arch": "unetr", "roi_size": [32, 32, 32], "vit_hidden_size": 96, "vit_mlp_dim": 192,
-                   "vit_num_heads": 4, "feature_size": 8})
+    parser.update({"bundle_root": str(BUNDLE), "arch": "unetr", "roi_size": [32, 32, 32], "vit_hidden_size": 96,
+                   "vit_mlp_dim": 192, "vit_num_heads": 4, "feature_size": 8})
     net = parser.get_parsed_content("network_def")
     assert type(net).__name__ == "UNETR"
     with torch.no_grad():
@@ -271,17 +271,13 @@ MEAN_FOREGROUND_MIN_DICE = 0.35
 
 @pytest.mark.slow
 def test_finetune_on_phantom_reaches_dice(tmp_path):
-    import dataclasses
-
-    from medssl3d.data.presets import CT_PRESET
-
     datalist = json.loads(Path(write_smoke_datalist(tmp_path / "data", n_train=1, n_val=0)).read_text())
     datalist["validation"] = datalist["training"]  # training-like phantom: the fit itself is under test
     (tmp_path / "data" / "dataset.json").write_text(json.dumps(datalist))
     common = {
         **FINETUNE,
         "bundle_root": str(tmp_path),
-        "preset": dataclasses.replace(CT_PRESET, spacing=(FINETUNE_SPACING_MM,) * 3),
+        "spacing_mm": FINETUNE_SPACING_MM,
     }
     train = workflow(["train", "smoke"], "train", val_interval=FINETUNE_STEPS,
                      **{"train#trainer#max_epochs": FINETUNE_STEPS}, **common)
