@@ -68,7 +68,9 @@ def machine_info() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda}
+        info["gpu"] = {
+            "name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda
+        }
     return info
 
 

@@ -17,8 +17,11 @@ SuiteT = TypeVar("SuiteT")
 
 
 def suite_file(kind: str, suite: str) -> tuple[Path, str]:
-    """Where a suite lives: ``"smoke"`` → ``configs/bench/<kind>.yaml`` preset ``smoke``;
-    ``"path/to/file.yaml:name"`` → that file's preset ``name``."""
+    """Where a suite lives, as ``(YAML file, preset name)``.
+
+    ``"smoke"`` is preset ``smoke`` of ``configs/bench/<kind>.yaml``; ``"path/to/file.yaml:name"`` is that
+    file's preset ``name``.
+    """
     if ":" in suite and suite.rsplit(":", 1)[0].endswith((".yaml", ".yml")):
         path, name = suite.rsplit(":", 1)
         return Path(path), name
