@@ -4,11 +4,12 @@ It knows nothing of any specific method: it calls ``method(batch, StepInfo)`` fo
 ``{"loss", "parts"}``, steps AdamW (and the method's auxiliary optimizers), applies the
 schedules, updates EMA pairs, and handles AMP, accumulation, clipping, the non-finite-loss
 guard, DDP (from torchrun's environment), atomic checkpoints with exact resume, progress and
-TensorBoard. Build it in Python or from a bundle::
+TensorBoard. Handlers (objects with ``attach(trainer)``, see :mod:`medssl3d.engine.events`) are
+called at its events. Build it in Python or from a bundle::
 
     "trainer": {"_target_": "medssl3d.engine.trainer.Pretrainer", "method": "@method",
                 "train_loader": "@train#dataloader", "config": {"lr": 1e-4, "out_dir": "..."},
-                "max_epochs": 100}
+                "max_epochs": 100, "handlers": []}
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from medssl3d.engine.checkpoint import (
 )
 from medssl3d.engine.config import PRECISIONS, RESUME_AUTO, TrainConfig
 from medssl3d.engine.ema import ema_update
+from medssl3d.engine.events import Events, Handler
 from medssl3d.engine.monitor import TrainingMonitor
 from medssl3d.engine.optim import build_adamw, clip_gradients, param_groups, set_lr, set_weight_decay
 from medssl3d.engine.sampler import ResumableSampler, SeededDataset
@@ -95,11 +97,13 @@ class Pretrainer:
         max_epochs: overrides ``config.max_epochs`` (MONAI bundle property ``train#trainer#max_epochs``).
         max_steps: overrides ``config.max_steps``.
         device: training device (default: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU).
+        handlers: objects with ``attach(trainer)`` (e.g. :class:`~medssl3d.engine.probe.SegmentationProbe`),
+            attached in order; ``None`` entries (disabled bundle components) are skipped.
         **overrides: any other :class:`TrainConfig` field.
 
     Raises:
         ValueError: bad configuration, a method without ``name`` / ``backbone_name``, an
-            iterable dataset, or fp16 on CPU.
+            iterable dataset, fp16 on CPU, or a handler without ``attach``.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class Pretrainer:
         max_epochs: int | None = None,
         max_steps: int | None = None,
         device: str | torch.device | None = None,
+        handlers: Sequence[Handler | None] | None = None,
         **overrides: Any,
     ):
         if max_epochs is not None:
@@ -152,6 +157,52 @@ class Pretrainer:
         self.resumed_from: Path | None = None
         self._prepared = False
         self._owns_process_group = False
+        self._event_handlers: dict[Events, list[Callable[[Pretrainer], None]]] = {e: [] for e in Events}
+        # The scalars handlers log for the current step; a dict only while ITERATION_COMPLETED runs.
+        self._handler_scalars: dict[str, float] | None = None
+        for handler in handlers or ():
+            if handler is None:
+                continue
+            if not callable(getattr(handler, "attach", None)):
+                raise ValueError(f"handler {handler!r} has no attach(trainer) method")
+            handler.attach(self)
+
+    # ------------------------------------------------------------------ handlers
+    def add_event_handler(self, event: Events | str, handler: Callable[[Pretrainer], None]) -> None:
+        """Call ``handler(self)`` at ``event`` (see :class:`~medssl3d.engine.events.Events`), on every rank.
+
+        Raises:
+            ValueError: for an unknown event.
+        """
+        try:
+            event = Events(event)
+        except ValueError:
+            raise ValueError(f"unknown event {event!r}; expected one of {[e.value for e in Events]}") from None
+        self._event_handlers[event].append(handler)
+
+    def _fire(self, event: Events) -> None:
+        for handler in self._event_handlers[event]:
+            handler(self)
+
+    def log_scalars(self, scalars: Mapping[str, float]) -> None:
+        """Add ``scalars`` to the current step's record (TensorBoard and ``metrics.jsonl``, rank 0).
+
+        Call it from an ``ITERATION_COMPLETED`` handler: the step is then recorded even when it is
+        not a ``log_every`` step. Names without a "/" are filed under "train/".
+
+        Raises:
+            RuntimeError: when called outside an ``ITERATION_COMPLETED`` handler.
+        """
+        if self._handler_scalars is None:
+            raise RuntimeError("log_scalars can only be called from an ITERATION_COMPLETED handler")
+        self._handler_scalars.update({str(k): float(v) for k, v in scalars.items()})
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of ``config.precision`` on the training device (a no-op for fp32)."""
+        dtype = _DTYPES[self.config.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ set-up
     def _build_loader(self) -> DataLoader:
@@ -335,12 +386,6 @@ class Pretrainer:
         return path
 
     # ------------------------------------------------------------------ the step
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = _DTYPES[self.config.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     def _check_finite(self, loss: torch.Tensor, parts: dict[str, Any], where: str) -> None:
         ok = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
         if int(dist_utils.all_reduce_min(ok).item()) == 1:
@@ -372,7 +417,7 @@ class Pretrainer:
             batch = _to_device(batch, self.device)
             no_sync = self.ddp.no_sync() if self.ddp is not None and i < n - 1 else contextlib.nullcontext()
             with no_sync:
-                with _frozen(aux_flat), self._autocast():
+                with _frozen(aux_flat), self.autocast():
                     out = method(batch, info)
                 if not isinstance(out, dict) or "loss" not in out:
                     raise TypeError(f"{type(method).__name__}.forward must return {{'loss', 'parts'}}")
@@ -383,7 +428,7 @@ class Pretrainer:
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + torch.as_tensor(v).detach().double() / n
             for aux in self.auxiliaries:
-                with self._autocast():
+                with self.autocast():
                     aux_out = _as_loss_dict(aux.loss(batch, out, info), f"auxiliary {aux.name!r}")
                 self._check_finite(aux_out["loss"], aux_out["parts"], f"auxiliary {aux.name!r}")
                 self.scaler.scale(aux_out["loss"] / n).backward()
@@ -467,6 +512,7 @@ class Pretrainer:
         final_parts: dict[str, float] = {}
         t0 = time.perf_counter()
         try:
+            self._fire(Events.STARTED)
             self._normalise_position()
             while self.step < stop:
                 self.sampler.set_epoch(self.epoch)
@@ -484,9 +530,16 @@ class Pretrainer:
                     self._normalise_position()
                     history.append(loss)
                     monitor.update(self.step, loss)
-                    if self.step % cfg.log_every == 0 or self.step == stop:
+                    self._handler_scalars = {}
+                    try:
+                        self._fire(Events.ITERATION_COMPLETED)
+                        extra = self._handler_scalars
+                    finally:
+                        self._handler_scalars = None
+                    if extra or self.step % cfg.log_every == 0 or self.step == stop:
                         final_parts = {k: float(v) for k, v in parts.items()}
-                        monitor.record(self.step, self.epoch, {"loss": loss, **final_parts, **self._scalars},
+                        monitor.record(self.step, self.epoch,
+                                       {"loss": loss, **final_parts, **self._scalars, **extra},
                                        bs * cfg.accumulate_steps * dist_utils.world_size())
                     if self.step % cfg.ckpt_every == 0 and self.step < stop:
                         self.save_checkpoint()
@@ -497,6 +550,7 @@ class Pretrainer:
                     self.batch_in_epoch = 0
             if self.step > start_step or self.last_checkpoint is None:
                 self.save_checkpoint()
+            self._fire(Events.COMPLETED)
         except BaseException:
             self.close()
             raise
@@ -535,4 +589,4 @@ class Pretrainer:
         self._prepared = False
 
 
-__all__ = ["Pretrainer", "TrainConfig"]
+__all__ = ["Events", "Pretrainer", "TrainConfig"]
