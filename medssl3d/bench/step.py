@@ -277,7 +277,7 @@ def _engine_step(
     method: nn.Module, samples: list[dict[str, Any]], batch: dict[str, Any], suite: StepSuite, device: torch.device,
     out_dir: Path,
 ) -> Callable[[], float]:
-    """A function taking one real engine step (``Pretrainer._train_step``) on ``batch`` (on ``device``) per call."""
+    """A function taking one real engine step (``Pretrainer.train_step``) on ``batch`` (on ``device``) per call."""
     config = TrainConfig(
         max_steps=BENCH_TOTAL_STEPS, batch_size=len(samples), num_workers=0, precision=suite.precision,
         out_dir=str(out_dir), resume=None, tensorboard=False, ckpt_every=BENCH_CKPT_EVERY,
@@ -285,10 +285,10 @@ def _engine_step(
     )
     # The engine sets its loader up from the samples; the timed steps bypass it, their views are drawn.
     trainer = Pretrainer(method, samples, config=config, device=device)
-    trainer._prepare()
+    trainer.prepare()
 
     def step() -> float:
-        loss, _ = trainer._train_step([batch])
+        loss, _ = trainer.train_step([batch])
         trainer.step += 1
         return loss
 

@@ -249,7 +249,8 @@ class Pretrainer:
         generator = torch.Generator()
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator, **kwargs)
 
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
+        """Set up for training: process group, device, loader, optimizers, resume. ``run`` calls it once."""
         cfg = self.config
         self._owns_process_group = dist_utils.init_from_env(self.device.type)
         if self.device.type == "cuda":
@@ -397,7 +398,15 @@ class Pretrainer:
             f"parts {shown}; last good checkpoint: {last}"
         )
 
-    def _train_step(self, micro_batches: list[Any]) -> tuple[float, dict[str, torch.Tensor]]:
+    def train_step(self, micro_batches: list[Any]) -> tuple[float, dict[str, torch.Tensor]]:
+        """One optimizer step over ``micro_batches`` (accumulated), with schedules, clipping and EMA.
+
+        It does not advance ``step`` or log: ``run`` does. Benchmarks call it after :meth:`prepare` to time the
+        real engine step.
+
+        Returns:
+            The mean loss and the last micro-batch's loss parts.
+        """
         cfg, method, s = self.config, self.method, self.step
         info = StepInfo(step=s, total_steps=self.total_steps, epoch=self.epoch)
         lr = warmup_cosine(s, self.total_steps, min(cfg.warmup_steps, self.total_steps), cfg.lr, cfg.min_lr)
@@ -496,7 +505,7 @@ class Pretrainer:
     def _run(self, until_step: int | None) -> dict[str, Any]:
         if not self._prepared:
             try:
-                self._prepare()
+                self.prepare()
             except BaseException:
                 self.close()
                 raise
@@ -523,7 +532,7 @@ class Pretrainer:
                     pending.append(batch)
                     if len(pending) < cfg.accumulate_steps:
                         continue
-                    loss, parts = self._train_step(pending)
+                    loss, parts = self.train_step(pending)
                     pending = []
                     self.step += 1
                     self.batch_in_epoch += cfg.accumulate_steps
