@@ -1,7 +1,8 @@
-"""Offline checks of a MONAI bundle folder: files, metadata schema, network input/output, label count."""
+"""Offline checks of a MONAI bundle folder: files, metadata schema, logging config, network in/out, labels."""
 
 from __future__ import annotations
 
+import configparser
 import logging
 from importlib.resources import files
 from pathlib import Path
@@ -15,6 +16,7 @@ logger = logging.getLogger(__name__)
 META_SCHEMA = Path(str(files("medssl3d.resources").joinpath("meta_schema.json")))
 REQUIRED_FILES = (
     "configs/metadata.json",
+    "configs/logging.conf",
     "configs/train.json",
     "configs/multi_gpu_train.json",
     "configs/smoke.json",
@@ -22,6 +24,12 @@ REQUIRED_FILES = (
     "LICENSE",
 )
 INFERENCE_CONFIG = "configs/inference.json"
+# a bundle that serves a model (has inference.json) also ships these, as the MONAI model zoo's do
+SERVING_FILES = ("configs/evaluate.json",)
+LOGGING_CONFIG = "configs/logging.conf"
+# what logging.config.fileConfig (used by `monai.bundle run`) needs: each list section names entries that
+# must have their own `<prefix>_<name>` section
+LOGGING_SECTIONS = {"loggers": "logger", "handlers": "handler", "formatters": "formatter"}
 TRAIN_CONFIG = "configs/train.json"
 METADATA = "configs/metadata.json"
 CHANNEL_DEF_ID = "_meta_#network_data_format#outputs#pred#channel_def"
@@ -43,11 +51,13 @@ def verify_bundle(
 ) -> list[str]:
     """List what is wrong with a bundle; an empty list means it passed every check.
 
-    Checks, in order: the files every medssl3d bundle ships (``REQUIRED_FILES``) exist and its JSON configs
-    parse; ``metadata.json`` is valid against ``schema`` (MONAI ``verify_metadata`` with the local schema
-    file, so nothing is downloaded); a ``num_classes`` in ``train.json`` equals the number of classes in
-    the metadata ``channel_def``; and, for bundles with ``inference.json``, MONAI ``verify_net_in_out``
-    runs ``network_def`` on a fake input shaped as the metadata says.
+    Checks, in order: the files every medssl3d bundle ships (``REQUIRED_FILES``, plus ``SERVING_FILES`` for
+    a bundle with ``inference.json``) exist and its JSON configs parse; ``metadata.json`` is valid against
+    ``schema`` (MONAI ``verify_metadata`` with the local schema file, so nothing is downloaded) and its
+    ``changelog`` has an entry for its ``version`` (the MONAI model zoo's rule); ``logging.conf`` has the
+    sections ``logging.config.fileConfig`` needs; a ``num_classes`` in ``train.json`` equals the number of
+    classes in the metadata ``channel_def``; and, for bundles with ``inference.json``, MONAI
+    ``verify_net_in_out`` runs ``network_def`` on a fake input shaped as the metadata says.
 
     Args:
         bundle_dir: the bundle root (holding ``configs/``).
@@ -62,7 +72,9 @@ def verify_bundle(
         One line per problem, each naming the file it concerns.
     """
     root = Path(bundle_dir)
-    problems = [f"{root / name}: missing" for name in REQUIRED_FILES if not (root / name).is_file()]
+    inference = root / INFERENCE_CONFIG
+    required = REQUIRED_FILES + (SERVING_FILES if inference.is_file() else ())
+    problems = [f"{root / name}: missing" for name in required if not (root / name).is_file()]
     for config in sorted((root / "configs").glob("*.json")):
         try:
             ConfigParser.load_config_file(config)
@@ -78,8 +90,9 @@ def verify_bundle(
         problems.append(f"{meta_file}: {e}")
         return problems
 
+    problems += _check_changelog(meta_file)
+    problems += _check_logging_config(root / LOGGING_CONFIG)
     problems += _check_num_classes(root)
-    inference = root / INFERENCE_CONFIG
     if check_network and inference.is_file():
         try:
             verify_net_in_out(
@@ -88,7 +101,7 @@ def verify_bundle(
                 config_file=str(inference),
                 device=device or ("cuda:0" if torch.cuda.is_available() else "cpu"),
                 n=shape_factor,
-                **(network_overrides or {}),
+                **{"bundle_root": str(root), **(network_overrides or {})},
             )
         except (ValueError, KeyError, RuntimeError) as e:
             problems.append(f"{inference}: network input/output check failed ({e})")
@@ -97,11 +110,37 @@ def verify_bundle(
     return problems
 
 
+def _check_changelog(meta_file: Path) -> list[str]:
+    """The metadata's ``version`` must have a ``changelog`` entry (the schema checks both exist)."""
+    meta = ConfigParser.load_config_file(meta_file)
+    if meta["version"] not in meta["changelog"]:
+        return [f"{meta_file}: version {meta['version']} has no changelog entry"]
+    return []
+
+
+def _check_logging_config(path: Path) -> list[str]:
+    """``logging.conf`` must parse and name a section for every logger, handler and formatter it lists."""
+    config = configparser.ConfigParser()
+    try:
+        config.read(path)
+    except configparser.Error as e:
+        return [f"{path}: not a valid logging config ({e})"]
+    problems = []
+    for section, prefix in LOGGING_SECTIONS.items():
+        if not config.has_option(section, "keys"):
+            problems.append(f"{path}: no [{section}] section with keys=")
+            continue
+        names = [n.strip() for n in config.get(section, "keys").split(",") if n.strip()]
+        problems += [f"{path}: no [{prefix}_{n}] section" for n in names if not config.has_section(f"{prefix}_{n}")]
+    return problems
+
+
 def _check_num_classes(root: Path) -> list[str]:
     """``num_classes`` of train.json (when it has one) must equal the metadata's channel count."""
     parser = ConfigParser()
     parser.read_config(root / TRAIN_CONFIG)
     parser.read_meta(root / METADATA)
+    parser["bundle_root"] = str(root)
     if NUM_CLASSES_ID not in parser or CHANNEL_DEF_ID not in parser:
         return []
     num_classes = parser.get_parsed_content(NUM_CLASSES_ID)

@@ -193,22 +193,6 @@ def test_smoke_command_runs_from_bundle_folder(tmp_path):
     assert (bundle / "smoke" / "data" / "dataset.json").is_file()
 
 
-@pytest.mark.slow
-def test_torchrun_two_cpu_ranks_save_plain_state_dict(tmp_path):
-    bundle = tmp_path / "segmentation"
-    shutil.copytree(BUNDLE, bundle, ignore=shutil.ignore_patterns("smoke", "models", "eval", "__pycache__"))
-    configs = "['configs/train.json','configs/smoke.json','configs/multi_gpu_train.json']"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "monai.bundle", "run", "--config_file", configs, "--train#trainer#max_epochs", "1"],
-        cwd=bundle, capture_output=True, text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""},
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    state = torch.load(bundle / "smoke" / "models" / "model.pt", map_location="cpu", weights_only=True)
-    assert ENCODER_KEY in state and not [k for k in state if k.startswith("module.")]
-
-
 def test_verify_bundle_passes():
     assert verify_bundle(BUNDLE, network_overrides={"feature_size": SMOKE_FEATURES}) == []
 
