@@ -261,6 +261,7 @@ def test_finetune_on_phantom_reaches_dice(tmp_path):
     common = {
         **FINETUNE,
         "bundle_root": str(tmp_path),
+        "datalist": str(tmp_path / "data" / "dataset.json"),  # one case: the smoke overlay's own list has two
         "spacing_mm": FINETUNE_SPACING_MM,
     }
     train = workflow(["train", "smoke"], "train", val_interval=FINETUNE_STEPS,
