@@ -18,6 +18,8 @@ from monai.networks.nets import SwinUNETR, ViT
 from monai.utils import ensure_tuple_rep
 from torch import Tensor, nn
 
+from medssl3d.networks.window_attention import fuse_window_attention
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -238,7 +240,10 @@ class SwinBackbone(Backbone):
         use_checkpoint: gradient checkpointing in the Swin blocks (less memory, same result).
         spatial_dims: 3 for volumes (2 works the same way on images).
         normalize: layer-normalise every hidden state, as ``SwinUNETR.forward`` does.
-        use_flash_attention: MONAI's fused window attention, used when gradients are disabled.
+        use_flash_attention: MONAI's fused window attention, used when gradients are disabled
+            (only with ``fused_attention=False``, which covers inference too).
+        fused_attention: swap in :class:`~medssl3d.networks.window_attention.FusedWindowAttention`
+            (fused kernel in training and inference, shift masks cached; same keys and results).
 
     Raises:
         ValueError: for an unknown size.
@@ -255,6 +260,7 @@ class SwinBackbone(Backbone):
         spatial_dims: int = 3,
         normalize: bool = True,
         use_flash_attention: bool = False,
+        fused_attention: bool = True,
     ) -> None:
         super().__init__()
         cfg = cast(SwinSize, _size("swin", size))
@@ -286,6 +292,8 @@ class SwinBackbone(Backbone):
         if not with_decoder:
             for name in SWIN_DECODER_MODULES:
                 delattr(self.net, name)
+        if fused_attention:
+            fuse_window_attention(self.net)
 
     def check_input_size(self, spatial_shape: Sequence[int]) -> None:
         """Raise ``ValueError`` naming the shape unless every side is divisible by the bottleneck stride."""

@@ -80,4 +80,10 @@ class ConvDecoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Decode ``x`` (B, in_channels, d, h, w) to (B, out_channels, d·s, h·s, w·s), s = 2**num_stages."""
-        return self.layers(x)
+        *body, upsample, head = self.layers
+        for layer in body:
+            x = layer(x)
+        # The 1×1×1 head and the last upsampling commute (both linear, and the interpolation
+        # weights sum to 1, so the bias passes through): the head first upsamples out_channels
+        # maps instead of min_channels at the largest size, and convolves 8x fewer voxels.
+        return upsample(head(x))

@@ -1,0 +1,156 @@
+"""Fine-tune and test through the segmentation bundle, as a user would: its recipe, its Dice report.
+
+``bundles/segmentation`` runs in place: its configs are read from the checkout and everything it writes goes
+to the run folder (``ckpt_dir``, ``output_dir``). The task's classes are passed as ``label_names`` (the
+bundle reads them from its metadata by default), and the network follows the pretrained encoder: SwinUNETR
+for a Swin encoder, UNETR (patch 16, the encoder's width) for a ViT one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medssl3d.data.presets import PresetConfig
+from medssl3d.networks.backbones import BACKBONE_SIZES
+
+logger = logging.getLogger(__name__)
+
+SEGMENTATION_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "segmentation"
+DICE_REPORT = "dice_per_class.json"
+#: Network families of the segmentation bundle by the encoder they take.
+ARCH_BY_TARGET = {"swinunetr": "swinunetr", "unetr": "unetr"}
+ENCODER_BY_ARCH = {"swinunetr": "swin", "unetr": "vit"}
+#: UNETR decoder width (MONAI's default); the ViT width comes from the encoder size.
+UNETR_FEATURE_SIZE = 16
+SLIDING_WINDOW_BATCH = 1
+
+
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    """The fine-tuning lengths and sizes shared by every arm of a comparison.
+
+    Attributes:
+        backbone_size: encoder size (``tiny`` / ``small`` / ``base``), as pretrained.
+        roi: cubic crop side in voxels (SwinUNETR: a multiple of 32; UNETR: the ViT's grid).
+        epochs: training epochs (one pass over the labelled units each).
+        samples: random crops per labelled unit per epoch.
+        lr: learning rate.
+        seed: ``set_determinism`` seed of the bundle.
+    """
+
+    backbone_size: str
+    roi: int
+    epochs: int
+    samples: int
+    lr: float
+    seed: int
+
+
+def network_overrides(export_target: str, backbone_size: str, roi: int) -> dict[str, Any]:
+    """The segmentation bundle's network settings for an encoder exported to ``export_target`` at a size.
+
+    Raises:
+        ValueError: a target or size the segmentation bundle cannot take.
+    """
+    if export_target not in ARCH_BY_TARGET:
+        raise ValueError(f"the segmentation bundle takes {sorted(ARCH_BY_TARGET)} encoders, not {export_target!r}")
+    arch = ARCH_BY_TARGET[export_target]
+    sizes = BACKBONE_SIZES[ENCODER_BY_ARCH[arch]]
+    if backbone_size not in sizes:
+        raise ValueError(f"backbone_size must be one of {sorted(sizes)}, got {backbone_size!r}")
+    size = sizes[backbone_size]
+    settings: dict[str, Any] = {"arch": arch, "roi_size": [int(roi)] * 3, "sw_batch_size": SLIDING_WINDOW_BATCH}
+    if arch == "swinunetr":
+        settings["feature_size"] = size.feature_size
+    else:
+        settings.update(feature_size=UNETR_FEATURE_SIZE, vit_hidden_size=size.hidden_size,
+                        vit_mlp_dim=size.mlp_dim, vit_num_heads=size.num_heads)
+    return settings
+
+
+def run_workflow(
+    bundle: str | os.PathLike, configs: Sequence[str], workflow_type: str, overrides: Mapping[str, Any],
+    *, apply_logging: bool = False,
+) -> list[Any]:
+    """Initialise, run and finalise ``configs`` of ``bundle`` (``configs/<name>.json``) with ``overrides``.
+
+    Args:
+        bundle: the bundle folder.
+        configs: config names, later ones overriding earlier ones (e.g. ``["train", "evaluate"]``).
+        workflow_type: ``"train"`` or ``"infer"``.
+        overrides: ``{bundle id: value}``.
+        apply_logging: apply the bundle's ``logging.conf`` (it sends INFO to stdout); off, the caller's logging
+            set-up stays as it is.
+
+    Returns:
+        The results of the ``run`` section.
+    """
+    from monai.bundle import ConfigWorkflow
+
+    bundle = Path(bundle)
+    workflow = ConfigWorkflow(
+        config_file=[str(bundle / "configs" / f"{name}.json") for name in configs],
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        logging_file=str(bundle / "configs" / "logging.conf") if apply_logging else False,
+        workflow_type=workflow_type,
+        **{"bundle_root": str(bundle), **overrides},
+    )
+    workflow.initialize()
+    results = workflow.run()
+    workflow.finalize()
+    return results
+
+
+def finetune_and_test(
+    run_dir: str | os.PathLike,
+    datalist: str | os.PathLike,
+    label_names: Mapping[str, str],
+    preset: PresetConfig,
+    recipe: FinetuneRecipe,
+    *,
+    export_target: str = "swinunetr",
+    pretrained: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Fine-tune on the ``training`` split, keep the model of the last validation, test on the ``test`` split.
+
+    Validation runs once, after the last epoch (the bundle saves ``models/model.pt`` on validation), on the
+    ``validation`` split; the test split is only seen by the evaluation.
+
+    Args:
+        run_dir: the run's folder (``models/``, ``eval/``).
+        datalist: Decathlon-style JSON with ``training``, ``validation`` and ``test`` splits.
+        label_names: ``{"0": "background", "1": ...}``.
+        preset: preprocessing of training and test images.
+        recipe: lengths and sizes.
+        export_target: the encoder's family (``"swinunetr"`` or ``"unetr"``); also the network for scratch.
+        pretrained: encoder weights to start from; ``None`` trains from scratch.
+
+    Returns:
+        The bundle's Dice report on the test split: ``{"per_class": {name: dice}, "mean": ..., "cases": [...]}``.
+    """
+    run_dir = Path(run_dir)
+    overrides = {
+        **network_overrides(export_target, recipe.backbone_size, recipe.roi),
+        "datalist": str(datalist),
+        "label_names": {str(k): v for k, v in label_names.items()},
+        "modality": preset.modality,
+        "preset": preset,
+        "ckpt_dir": str(run_dir / "models"),
+        "output_dir": str(run_dir / "eval"),
+        "pretrained": str(pretrained) if pretrained else "",
+        "num_samples": recipe.samples,
+        "num_workers": 0,
+        "learning_rate": recipe.lr,
+        "val_interval": recipe.epochs,
+        "seed": recipe.seed,
+        "train#trainer#max_epochs": recipe.epochs,
+    }
+    run_workflow(SEGMENTATION_BUNDLE, ["train"], "train", overrides)
+    run_workflow(SEGMENTATION_BUNDLE, ["train", "evaluate"], "train", {**overrides, "eval_split": "test"})
+    return json.loads((run_dir / "eval" / DICE_REPORT).read_text())

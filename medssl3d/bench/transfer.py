@@ -1,0 +1,350 @@
+"""``medssl3d bench transfer``: how much does pretraining buy with few labels? (benchmarks.md §3).
+
+For each task (:mod:`medssl3d.bench.tasks`):
+
+1. every method is pretrained through its bundle on the task's pretraining pool (the sample heads minus the
+   task's test subjects) for the same number of steps at the same batch size and size; tasks with the same
+   pool share these runs;
+2. for each k of the ladder and each seed, k labelled volumes or crops are drawn (nested in k), and the
+   segmentation bundle fine-tunes from scratch and from every method's encoder on exactly those, with the
+   same seed and the same number of iterations (``finetune_steps``: epochs = ceil(steps / k)). The network
+   follows the encoder (SwinUNETR, or UNETR for a ViT), and each network has its own scratch arm
+   (``scratch``, ``scratch_unetr``), so that a method is always compared with the same network untrained;
+3. each model is tested on the held-out data: Dice per class, from the bundle's own report.
+
+The record holds one row per pretraining run, one per fine-tuning run (task, method, k, seed, Dice per class
+and their mean), an ``error`` row for any run that failed (the others go on), and one row per (task, method,
+k) over seeds: mean, sd and the paired difference against its scratch arm with the same seed. A PNG with the
+record's stem plots Dice and that difference against k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medssl3d.bench.figure import plot_transfer
+from medssl3d.bench.finetune import FinetuneRecipe, finetune_and_test
+from medssl3d.bench.pretrain import PretrainResult, failure_text, pretrain, pretraining_overrides
+from medssl3d.bench.record import default_output, format_table, write_record
+from medssl3d.bench.suite import load_suite
+from medssl3d.bench.tasks import (
+    Task,
+    check_source,
+    finetune_preset,
+    load_task,
+    pretraining_preset,
+    training_units,
+    write_datalist,
+)
+
+logger = logging.getLogger(__name__)
+
+KIND = "transfer"
+SCRATCH = "scratch"
+BASELINE = "swin_ssl"
+SCRATCH_TARGET = "swinunetr"
+#: The from-scratch arm of each network family: a method is compared with the scratch run of its own network.
+SCRATCH_ARMS = {"swinunetr": SCRATCH, "unetr": f"{SCRATCH}_unetr"}
+RUNS_SUFFIX = "-runs"
+CACHE_DIR_NAME = "cache"
+POOL_HASH_CHARS = 10
+ROW_PRETRAIN = "pretrain"
+ROW_RUN = "run"
+ROW_SUMMARY = "summary"
+ROW_ERROR = "error"
+DICE_DIGITS = 3
+
+
+@dataclass(frozen=True)
+class TransferBenchConfig:
+    """A suite of the transfer benchmark (``configs/bench/transfer.yaml``).
+
+    Attributes:
+        tasks: task names (:data:`medssl3d.bench.tasks.TASKS`).
+        methods: pretraining bundles compared (the baseline ``swin_ssl`` among them); scratch is always run.
+        source: ``"sample"`` (the real scans) or ``"phantoms"`` (synthetic; tests).
+        ks: the ladder of labelled volumes / crops; values above a volume task's labelled volumes are skipped.
+        seeds: fine-tuning seeds (each also draws the labelled units); paired across methods.
+        backbone_size: encoder size of pretraining and fine-tuning.
+        roi: crop side in voxels, pretraining and fine-tuning.
+        spacing_mm: preset spacing of pretraining, fine-tuning and testing.
+        pretrain_steps: the pretraining budget, identical for every method.
+        pretrain_batch: volumes per pretraining step, identical for every method.
+        pretrain_seed: seed of the pretraining runs.
+        finetune_steps: fine-tuning iterations (one labelled unit each), identical for every k and arm.
+        finetune_samples: random crops per labelled unit per iteration.
+        finetune_lr: fine-tuning learning rate.
+        crop_mm: side of a labelled crop (crop tasks).
+        cache_dir: pretraining preprocessing cache; empty: ``cache/`` beside the record.
+        bundle_overrides: per-method bundle settings for this size (e.g. ``{"ace": {"grid_n": 4}}``).
+    """
+
+    tasks: tuple[str, ...] = ("brain_extraction",)
+    methods: tuple[str, ...] = ("swin_ssl", "afire")
+    source: str = "sample"
+    ks: tuple[int, ...] = (1, 2)
+    seeds: tuple[int, ...] = (0, 1)
+    backbone_size: str = "tiny"
+    roi: int = 64
+    spacing_mm: float = 3.0
+    pretrain_steps: int = 4
+    pretrain_batch: int = 2
+    pretrain_seed: int = 0
+    finetune_steps: int = 4
+    finetune_samples: int = 1
+    finetune_lr: float = 1e-3
+    crop_mm: float = 64.0
+    cache_dir: str = ""
+    bundle_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_source(self.source)
+        for name in ("tasks", "ks", "seeds"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        if set(self.methods) & set(SCRATCH_ARMS.values()):
+            raise ValueError(f"{sorted(SCRATCH_ARMS.values())} are always run; do not list them in methods")
+        if min(self.ks) < 1:
+            raise ValueError(f"every k must be >= 1, got {list(self.ks)}")
+        for name in ("pretrain_steps", "pretrain_batch", "finetune_steps", "finetune_samples", "roi"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------------------- aggregation
+def _mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample sd (``None`` for fewer than two values)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _text(mean: float, sd: float | None, sign: bool = False) -> str:
+    fmt = f"{'+' if sign else ''}.{DICE_DIGITS}f"
+    return format(mean, fmt) if sd is None else f"{format(mean, fmt)} ± {sd:.{DICE_DIGITS}f}"
+
+
+def _dice_fields(row: Mapping[str, Any]) -> list[str]:
+    """The run row's per-class Dice keys (``dice_<class>``)."""
+    return [k for k in row if k.startswith("dice_")]
+
+
+def aggregate(runs: Sequence[Mapping[str, Any]], reference: str = SCRATCH) -> list[dict[str, Any]]:
+    """One row per (task, method, k) over seeds: mean ± sd of Dice, and the paired difference to a reference.
+
+    Args:
+        runs: run rows with ``task``, ``method``, ``k``, ``seed``, ``unit``, ``dice`` (mean over classes),
+            ``dice_<class>`` values (non-numbers, e.g. a class absent from the test data, are left out) and
+            optionally ``reference``: the arm this method is compared with (default ``reference``).
+        reference: the arm differences are taken against, seed by seed, where a row names none.
+
+    Returns:
+        Rows with ``task, method, k, unit, n_seeds, dice, dice_sd`` (sd only for two seeds or more),
+        ``dice_<class>`` / ``dice_<class>_sd``, and for methods other than their reference ``reference, diff,
+        diff_sd, n_pairs`` (the mean Dice minus the reference's, per seed present in both), plus ``dice_text``
+        / ``diff_text`` strings.
+    """
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for row in runs:
+        groups.setdefault((row["task"], row["method"], row["k"]), []).append(row)
+    summary = []
+    for (task, method, k), rows in groups.items():
+        rows = sorted(rows, key=lambda r: r["seed"])
+        dice, dice_sd = _mean_sd([r["dice"] for r in rows])
+        out: dict[str, Any] = {"row": ROW_SUMMARY, "task": task, "method": method, "k": k,
+                               "unit": rows[0]["unit"], "n_seeds": len(rows), "dice": dice}
+        if dice_sd is not None:
+            out["dice_sd"] = dice_sd
+        out["dice_text"] = _text(dice, dice_sd)
+        for key in dict.fromkeys(key for r in rows for key in _dice_fields(r)):
+            values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+            if values:
+                mean, sd = _mean_sd(values)
+                out[key] = mean
+                if sd is not None:
+                    out[f"{key}_sd"] = sd
+        arm = rows[0].get("reference", reference)
+        ref = {r["seed"]: r["dice"] for r in groups.get((task, arm, k), [])}
+        pairs = [r["dice"] - ref[r["seed"]] for r in rows if r["seed"] in ref]
+        if method != arm and pairs:
+            diff, diff_sd = _mean_sd(pairs)
+            out.update(reference=arm, diff=diff, n_pairs=len(pairs), diff_text=_text(diff, diff_sd, sign=True))
+            if diff_sd is not None:
+                out["diff_sd"] = diff_sd
+        summary.append(out)
+    return summary
+
+
+def summary_table(summary: Sequence[Mapping[str, Any]], class_names: Mapping[str, Sequence[str]]) -> str:
+    """Markdown: one table per task.
+
+    Columns: method, k, seeds, Dice mean ± sd, the paired difference to the scratch run of the same network
+    (and which one), Dice per class.
+    """
+    parts = []
+    for task, names in class_names.items():
+        rows = [r for r in summary if r["task"] == task]
+        if not rows:
+            continue
+        columns = [("method", "method", "s"), ("k", f"k ({rows[0]['unit']}s)", "d"), ("n_seeds", "seeds", "d"),
+                   ("dice_text", "Dice mean ± sd", "s"), ("diff_text", "Δ vs scratch (paired)", "s"),
+                   ("reference", "vs", "s")]
+        columns += [(f"dice_{name}", name, f".{DICE_DIGITS}f") for name in names]
+        parts.append(f"### {task}\n\n" + format_table(rows, columns))
+    return "\n\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------- runs
+def _pool_id(task: Task) -> str:
+    subjects = sorted(e.get("subject", e["image"]) for e in task.pretrain)
+    return hashlib.sha256("\n".join(subjects).encode()).hexdigest()[:POOL_HASH_CHARS]
+
+
+def _error_row(stage: str, task: str, method: str, error: Exception, **fields: Any) -> dict[str, Any]:
+    logger.exception("%s of %s for %s failed; the benchmark goes on without it", stage, method, task)
+    return {"row": ROW_ERROR, "stage": stage, "task": task, "method": method, **fields,
+            "error": failure_text(error)}
+
+
+def _pretrain_all(cfg: TransferBenchConfig, tasks: Sequence[Task], work: Path, cache_dir: Path
+                  ) -> tuple[dict[tuple[str, str], PretrainResult], list[dict[str, Any]]]:
+    """Pretrain every method once per distinct pretraining pool.
+
+    Returns:
+        ``{(task, method): result}`` (a failed run is left out, with an error row) and the record rows.
+    """
+    results: dict[tuple[str, str], PretrainResult] = {}
+    rows = []
+    done: dict[tuple[str, str], PretrainResult | None] = {}
+    for task in tasks:
+        pool = _pool_id(task)
+        datalist = write_datalist(work / "pretrain" / pool / "datalist.json", {"training": task.pretrain},
+                                  name=f"pretraining pool of {task.name}")
+        for method in cfg.methods:
+            if (pool, method) not in done:
+                overrides = pretraining_overrides(
+                    datalist=datalist, run_dir=work / "pretrain" / pool / method, cache_dir=cache_dir,
+                    preset=pretraining_preset(cfg.spacing_mm), backbone_size=cfg.backbone_size, roi=cfg.roi,
+                    batch_size=cfg.pretrain_batch, seed=cfg.pretrain_seed, extra=cfg.bundle_overrides.get(method),
+                )
+                try:
+                    result = pretrain(method, overrides, steps=cfg.pretrain_steps)
+                except Exception as error:  # noqa: BLE001 - one failing method must not end a long benchmark
+                    done[(pool, method)] = None
+                    rows.append(_error_row("pretraining", task.name, method, error, pool=pool))
+                    continue
+                done[(pool, method)] = result
+                rows.append({
+                    "row": ROW_PRETRAIN, "method": method, "task": task.name, "pool": pool,
+                    "pool_subjects": ",".join(sorted(e.get("subject", "") for e in task.pretrain)),
+                    "steps": result.steps, "batch_size": cfg.pretrain_batch, "final_loss": result.final_loss,
+                    "time_s": result.time_s, "export_target": result.export_target,
+                })
+            if done[(pool, method)] is not None:
+                results[(task.name, method)] = done[(pool, method)]
+    return results, rows
+
+
+def _arms(cfg: TransferBenchConfig, task: Task, encoders: Mapping[tuple[str, str], PretrainResult]
+          ) -> list[tuple[str, str, PretrainResult | None]]:
+    """``(arm, network family, encoder)``: a scratch arm per family in use, then every pretrained method."""
+    pretrained = [(m, encoders[(task.name, m)]) for m in cfg.methods if (task.name, m) in encoders]
+    families = dict.fromkeys([SCRATCH_TARGET, *(e.export_target for _, e in pretrained)])
+    return [*((SCRATCH_ARMS[f], f, None) for f in families if f in SCRATCH_ARMS),
+            *((m, e.export_target, e) for m, e in pretrained)]
+
+
+def _finetune_all(cfg: TransferBenchConfig, task: Task, encoders: Mapping[tuple[str, str], PretrainResult],
+                  work: Path) -> list[dict[str, Any]]:
+    """Every (k, seed, arm) fine-tuning run of one task; one row each (an error row for a failed run)."""
+    preset = finetune_preset(task, cfg.spacing_mm)
+    arms = _arms(cfg, task, encoders)
+    rows = []
+    for k in cfg.ks:
+        if task.max_k is not None and k > task.max_k:
+            logger.info("%s: skipping k=%d (the task has %d labelled volumes)", task.name, k, task.max_k)
+            continue
+        for seed in cfg.seeds:
+            units = training_units(task, k, seed, work / "tasks" / task.name / "crops", cfg.crop_mm)
+            run_root = work / "finetune" / task.name / f"k{k}" / f"seed{seed}"
+            # validation (which picks the saved model) re-uses the labelled units: the test data stays unseen
+            datalist = write_datalist(run_root / "datalist.json",
+                                      {"training": units, "validation": units, "test": task.test},
+                                      name=task.name, labels=task.label_names)
+            recipe = FinetuneRecipe(backbone_size=cfg.backbone_size, roi=cfg.roi,
+                                    epochs=math.ceil(cfg.finetune_steps / k), samples=cfg.finetune_samples,
+                                    lr=cfg.finetune_lr, seed=seed)
+            for arm, family, encoder in arms:
+                logger.info("%s k=%d seed=%d: fine-tuning %s from %s", task.name, k, seed, family, arm)
+                start = time.perf_counter()
+                try:
+                    report = finetune_and_test(
+                        run_root / arm, datalist, task.label_names, preset, recipe, export_target=family,
+                        pretrained=encoder.encoder if encoder else None,
+                    )
+                except Exception as error:  # noqa: BLE001 - one failing run must not end a long benchmark
+                    rows.append(_error_row("fine-tuning", task.name, arm, error, k=k, seed=seed))
+                    continue
+                row = _run_row(task, arm, k, seed, units, report, time.perf_counter() - start, recipe)
+                rows.append({**row, "network": family, "reference": SCRATCH_ARMS[family]})
+    return rows
+
+
+def _run_row(task: Task, method: str, k: int, seed: int, units: Sequence[dict], report: Mapping[str, Any],
+             seconds: float, recipe: FinetuneRecipe) -> dict[str, Any]:
+    per_class = report["per_class"]
+    row: dict[str, Any] = {
+        "row": ROW_RUN, "task": task.name, "method": method, "k": k, "seed": seed, "unit": task.unit,
+        "train_cases": ",".join(u["case"] for u in units), "epochs": recipe.epochs,
+    }
+    # a class absent from both the test label and the prediction has no Dice: recorded as a string
+    row.update({f"dice_{name}": per_class.get(name) if per_class.get(name) is not None else "absent"
+                for name in task.class_names})
+    numbers = [v for v in per_class.values() if v is not None]
+    row["dice"] = statistics.fmean(numbers) if numbers else 0.0
+    row["time_s"] = seconds
+    return row
+
+
+def run(
+    suite: str = "smoke", output: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+) -> tuple[Path, str]:
+    """Run the transfer benchmark suite ``suite``: the JSON record, and a PNG with the same stem.
+
+    Args:
+        suite: preset of ``configs/bench/transfer.yaml`` (``smoke``, ``full``) or ``path.yaml:preset``.
+        output: the JSON record; default ``outputs/bench/transfer-<suite>-<time>.json``. Runs (pretraining,
+            fine-tuning, derived task files) go to ``<stem>-runs/`` beside it.
+        overrides: ``key=value`` changes to the suite (e.g. ``seeds=[0]``).
+
+    Returns:
+        ``(record path, Markdown table)``.
+    """
+    cfg = load_suite(TransferBenchConfig, KIND, suite, overrides)
+    output = Path(output) if output is not None else default_output(KIND, suite)
+    work = output.parent / f"{output.stem}{RUNS_SUFFIX}"
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else output.parent / CACHE_DIR_NAME
+    start, start_cpu = time.perf_counter(), time.process_time()
+    tasks = [load_task(name, source=cfg.source, root=work) for name in cfg.tasks]
+    encoders, pretrain_rows = _pretrain_all(cfg, tasks, work, cache_dir)
+    rows = [row for task in tasks for row in _finetune_all(cfg, task, encoders, work)]
+    run_rows = [r for r in rows if r["row"] == ROW_RUN]
+    summary = aggregate(run_rows)
+    if not summary:
+        raise RuntimeError(f"every fine-tuning run failed: {[r['error'] for r in rows]}")
+    figure = plot_transfer(summary, output.with_suffix(".png"), references=set(SCRATCH_ARMS.values()),
+                           baseline=BASELINE if BASELINE in cfg.methods else None)
+    minutes = (time.perf_counter() - start) / 60
+    # on a shared machine the process's CPU time says more about the cost than its wall time
+    config = {**asdict(cfg), "suite": suite, "figure": figure.name, "wall_minutes": minutes,
+              "cpu_minutes": (time.process_time() - start_cpu) / 60}
+    path = write_record(output, KIND, suite, config, [*pretrain_rows, *rows, *summary])
+    logger.info("transfer benchmark finished in %.1f minutes: %s, %s", minutes, path, figure)
+    return path, summary_table(summary, {t.name: t.class_names for t in tasks})

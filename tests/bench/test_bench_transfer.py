@@ -1,0 +1,173 @@
+"""`medssl3d bench transfer`: aggregation on known numbers, task splits and crops, one small run on phantoms."""
+
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medssl3d.bench import transfer
+from medssl3d.bench.figure import plot_transfer
+from medssl3d.bench.finetune import network_overrides
+from medssl3d.bench.suite import load_suite
+from medssl3d.bench.tasks import UNIT_CROP, UNIT_VOLUME, Task, normalise, split_subject, training_units
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(method, seed, dice, brain, k=1, task="t"):
+    return {"task": task, "method": method, "k": k, "seed": seed, "unit": "volume", "dice": dice,
+            "dice_brain": brain}
+
+
+def test_aggregate_mean_sd_and_paired_difference():
+    runs = [
+        _run("scratch", 0, 0.5, 0.5), _run("scratch", 1, 0.7, 0.7),
+        _run("m", 1, 0.9, 0.9), _run("m", 0, 0.6, "absent"),
+    ]
+    scratch, m = transfer.aggregate(runs)
+    assert scratch["method"] == "scratch" and scratch["n_seeds"] == 2
+    assert scratch["dice"] == pytest.approx(0.6)
+    assert scratch["dice_sd"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert "diff" not in scratch and "diff_text" not in scratch
+    assert m["dice"] == pytest.approx(0.75)
+    assert m["dice_sd"] == pytest.approx(np.std([0.6, 0.9], ddof=1))
+    # paired by seed: (0.6 - 0.5, 0.9 - 0.7)
+    assert m["diff"] == pytest.approx(0.15)
+    assert m["diff_sd"] == pytest.approx(np.std([0.1, 0.2], ddof=1))
+    assert m["n_pairs"] == 2
+    # a class without a Dice value in one seed is averaged over the others
+    assert m["dice_brain"] == pytest.approx(0.9) and "dice_brain_sd" not in m
+    assert m["dice_text"] == "0.750 ± 0.212" and m["diff_text"] == "+0.150 ± 0.071"
+
+
+def test_aggregate_pairs_only_shared_seeds_and_keeps_groups_apart():
+    runs = [_run("scratch", 0, 0.5, 0.5), _run("m", 0, 0.4, 0.4), _run("m", 1, 0.8, 0.8),
+            _run("scratch", 0, 0.2, 0.2, k=2), _run("m", 0, 0.3, 0.3, k=2)]
+    rows = {(r["method"], r["k"]): r for r in transfer.aggregate(runs)}
+    assert rows[("m", 1)]["n_pairs"] == 1 and rows[("m", 1)]["diff"] == pytest.approx(-0.1)
+    assert "diff_sd" not in rows[("m", 1)]
+    assert rows[("m", 2)]["diff"] == pytest.approx(0.1) and rows[("m", 2)]["n_seeds"] == 1
+    assert "dice_sd" not in rows[("m", 2)] and rows[("m", 2)]["dice_text"] == "0.300"
+
+
+def test_summary_table_has_one_section_per_task():
+    runs = [_run("scratch", 0, 0.5, 0.5, task="a"), _run("m", 0, 0.6, 0.6, task="a"),
+            _run("scratch", 0, 0.1, 0.1, task="b")]
+    table = transfer.summary_table(transfer.aggregate(runs), {"a": ["brain"], "b": ["brain"]})
+    assert table.index("### a") < table.index("### b")
+    assert "| m | 1 | 1 | 0.600 | +0.100 | scratch | 0.600 |" in table
+
+
+@pytest.mark.parametrize("suite", ["smoke", "full"])
+def test_suites_load_into_the_config(suite):
+    cfg = load_suite(transfer.TransferBenchConfig, "transfer", suite)
+    assert "scratch" not in cfg.methods and min(cfg.ks) >= 1 and cfg.seeds
+    ace = cfg.bundle_overrides.get("ace", {})
+    if "grid_n" in ace:
+        assert ace["grid_n"] * ace["token_stride"] == cfg.roi
+
+
+def test_scratch_in_methods_is_refused():
+    with pytest.raises(ValueError, match="always run"):
+        load_suite(transfer.TransferBenchConfig, "transfer", "smoke", ["methods=[scratch]"])
+
+
+def test_network_follows_the_encoder():
+    assert network_overrides("swinunetr", "tiny", 64)["feature_size"] == 12
+    unetr = network_overrides("unetr", "small", 96)
+    assert (unetr["arch"], unetr["vit_hidden_size"], unetr["vit_num_heads"]) == ("unetr", 384, 6)
+    assert unetr["roi_size"] == [96, 96, 96]
+    with pytest.raises(ValueError, match="basicunet"):
+        network_overrides("basicunet", "tiny", 64)
+
+
+def _subject(tmp_path, shape=(40, 24, 20)):
+    """A labelled subject: two labelled blocks per hemisphere, an intensity ramp, a shifted affine."""
+    image = np.linspace(0, 500, np.prod(shape), dtype=np.float32).reshape(shape)
+    label = np.zeros(shape, np.uint8)
+    label[4:16, 6:18, 5:15] = 1
+    label[24:36, 6:18, 5:15] = 2
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = (-40.0, -24.0, -20.0)
+    paths = {"image": tmp_path / "s_image.nii.gz", "label": tmp_path / "s_label.nii.gz"}
+    nib.save(nib.Nifti1Image(image, affine), paths["image"])
+    nib.save(nib.Nifti1Image(label, affine), paths["label"])
+    return {"case": "s", **{k: str(v) for k, v in paths.items()}}, image, label, affine
+
+
+def test_split_subject_cuts_at_the_labelled_middle(tmp_path):
+    entry, image, label, affine = _subject(tmp_path)
+    train, test = split_subject(entry, tmp_path / "split")
+    halves = {name: (nib.load(e["image"]), nib.load(e["label"])) for name, e in (("train", train), ("test", test))}
+    cut = (4 + 35 + 1) // 2
+    assert halves["train"][1].shape == (cut, 24, 20) and halves["test"][1].shape == (40 - cut, 24, 20)
+    np.testing.assert_array_equal(np.asarray(halves["train"][1].dataobj), label[:cut])
+    np.testing.assert_array_equal(np.asarray(halves["test"][1].dataobj), label[cut:])
+    # the world position of each voxel is kept
+    np.testing.assert_allclose(halves["test"][0].affine[:3, 3], affine[:3, 3] + affine[:3, 0] * cut)
+    # intensities normalised on the whole volume, before cutting
+    whole = normalise(image)
+    np.testing.assert_allclose(np.asarray(halves["test"][0].dataobj), whole[cut:], atol=1e-6)
+    assert whole.min() == 0.0 and whole.max() == 1.0
+
+
+def test_crops_are_labelled_sized_and_nested(tmp_path):
+    entry, *_ = _subject(tmp_path)
+    task = Task("t", UNIT_CROP, {"0": "background", "1": "a", "2": "b"}, (entry,), (), ())
+    assert task.max_k is None and task.class_names == ["a", "b"]
+    two = training_units(task, 2, seed=3, out_dir=tmp_path / "a", crop_mm=16.0)
+    one = training_units(task, 1, seed=3, out_dir=tmp_path / "b", crop_mm=16.0)
+    other = training_units(task, 1, seed=4, out_dir=tmp_path / "c", crop_mm=16.0)
+    arrays = [np.asarray(nib.load(u["label"]).dataobj) for u in (*two, *one, *other)]
+    assert all(a.shape == (8, 8, 8) for a in arrays)  # 16 mm at 2 mm
+    np.testing.assert_array_equal(arrays[0], arrays[2])  # k=1 is the first crop of k=2
+    assert not np.array_equal(nib.load(one[0]["image"]).affine, nib.load(other[0]["image"]).affine)
+    assert all((a > 0).any() for a in arrays)
+
+
+def test_volume_units_are_nested_and_bounded():
+    entries = tuple({"case": f"c{i}", "image": f"i{i}", "label": f"l{i}"} for i in range(3))
+    task = Task("t", UNIT_VOLUME, {"0": "background", "1": "a"}, entries, (), ())
+    assert task.max_k == 3
+    for seed in range(4):
+        assert training_units(task, 2, seed, "unused", 1.0)[:1] == training_units(task, 1, seed, "unused", 1.0)
+    # every block of 3 seeds labels each volume once as the single one
+    for block in range(3):
+        firsts = [training_units(task, 1, seed, "unused", 1.0)[0]["case"] for seed in range(3 * block, 3 * block + 3)]
+        assert sorted(firsts) == ["c0", "c1", "c2"]
+    with pytest.raises(ValueError, match="3 labelled volumes"):
+        training_units(task, 4, 0, "unused", 1.0)
+
+
+def test_plot_transfer_writes_a_png(tmp_path):
+    rows = transfer.aggregate([_run("scratch", 0, 0.5, 0.5), _run("scratch", 1, 0.6, 0.6),
+                               _run("m", 0, 0.7, 0.7), _run("m", 0, 0.8, 0.8, k=2)])
+    path = plot_transfer(rows, tmp_path / "f.png", baseline="m")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_run_on_phantoms_writes_record_table_and_figure(tmp_path):
+    out = tmp_path / "transfer.json"
+    path, table = transfer.run("smoke", out, [
+        "source=phantoms", "tasks=[phantom]", "methods=[swin_ssl]", "ks=[1]", "seeds=[0]",
+        "pretrain_steps=1", "pretrain_batch=1", "finetune_steps=1",
+    ])
+    record = json.loads(path.read_text())
+    rows = record["results"]
+    assert [r["row"] for r in rows] == ["pretrain", "run", "run", "summary", "summary"]
+    runs = [r for r in rows if r["row"] == "run"]
+    assert [r["method"] for r in runs] == ["scratch", "swin_ssl"]
+    classes = [k for k in runs[0] if k.startswith("dice_")]
+    assert len(classes) == 6  # the phantom's foreground structures
+    for row in rows:
+        for key, value in row.items():
+            assert isinstance(value, str) or math.isfinite(value), (row["row"], key)
+    for row in runs:
+        assert {"task", "method", "k", "seed", "dice"} <= set(row) and 0.0 <= row["dice"] <= 1.0
+    assert rows[0]["steps"] == 1 and rows[0]["export_target"] == "swinunetr"
+    assert "diff" in rows[-1] and rows[-1]["method"] == "swin_ssl"
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "### phantom" in table and "Δ vs scratch" in table
