@@ -342,6 +342,10 @@ def build_preset(cfg: PresetConfig, keys: Sequence[str] = ("image", "label")) ->
                 select_fn=functools.partial(_above, threshold=cfg.foreground_threshold),
                 margin=cfg.crop_margin,
                 allow_smaller=True,
+                # No coordinate keys: they come back as numpy arrays when computed and as tensors when read
+                # from the cache, and a batch mixing both does not collate. The crop is in the item's trace.
+                start_coord_key=None,
+                end_coord_key=None,
             )
         )
     transforms.append(EnsureTyped(keys, dtype=torch.float32, track_meta=True))
@@ -358,12 +362,17 @@ def preset_hash(cfg: PresetConfig, keys: Sequence[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:CACHE_HASH_CHARS]
 
 
+#: Bumped when what a cached item holds changes (2: no foreground crop coordinates).
+CACHE_FORMAT = 2
+
+
 def _cache_info(cfg: PresetConfig, keys: Sequence[str]) -> dict:
     return {
         "preset": dataclasses.asdict(cfg),
         "keys": list(keys),
         "medssl3d": medssl3d.__version__,
         "monai": monai.__version__,
+        "format": CACHE_FORMAT,
     }
 
 

@@ -225,7 +225,8 @@ class RandLocalShuffle(RandomizableTransform):
         cubes[:, sel] = torch.gather(rows, 2, perm[None].expand_as(rows))
         inverse = np.argsort(order)
         back = cubes.reshape(t.shape[0], *grid, *cube).permute(*inverse.tolist()).reshape(block.shape)
-        out[(slice(None), *region)] = back
+        # A one-voxel-thick cube makes `back` a view of `out` itself: copy before writing it back.
+        out[(slice(None), *region)] = back.clone()
         return convert_to_dst_type(out, img)[0]
 
 

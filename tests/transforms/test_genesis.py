@@ -179,3 +179,12 @@ def test_bad_arguments_raise_value_error():
         RandInPaint(max_boxes=0)
     with pytest.raises(ValueError, match="paint_prob"):
         genesis_distortions("image", paint_prob=1.5)
+
+
+def test_local_shuffle_with_one_voxel_thick_cubes_keeps_the_voxels():
+    # seed 40 draws a (c, 1, 1) cube at 64^3, whose reshaped block is a view of the output itself
+    t = RandLocalShuffle(prob=1.0)
+    t.set_random_state(40)
+    img = torch.rand(1, 64, 64, 64)
+    out = t(img)
+    assert torch.equal(out.flatten().sort().values, img.flatten().sort().values)
