@@ -61,6 +61,7 @@ ROW_PRETRAIN = "pretrain"
 ROW_RUN = "run"
 ROW_SUMMARY = "summary"
 ROW_ERROR = "error"
+MODEL_FILE = Path("models") / "model.pt"
 DICE_DIGITS = 3
 
 
@@ -84,6 +85,8 @@ class TransferBenchConfig:
         finetune_samples: random crops per labelled unit per iteration.
         finetune_lr: fine-tuning learning rate.
         crop_mm: side of a labelled crop (crop tasks).
+        keep_models: keep every fine-tuned ``models/model.pt`` (off: deleted once tested; a ``full`` suite makes
+            a few hundred base-size models, hundreds of MB each).
         cache_dir: pretraining preprocessing cache; empty: ``cache/`` beside the record.
         bundle_overrides: per-method bundle settings for this size (e.g. ``{"ace": {"grid_n": 4}}``).
     """
@@ -103,6 +106,7 @@ class TransferBenchConfig:
     finetune_samples: int = 1
     finetune_lr: float = 1e-3
     crop_mm: float = 64.0
+    keep_models: bool = False
     cache_dir: str = ""
     bundle_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -294,6 +298,8 @@ def _finetune_all(cfg: TransferBenchConfig, task: Task, encoders: Mapping[tuple[
                     continue
                 row = _run_row(task, arm, k, seed, units, report, time.perf_counter() - start, recipe)
                 rows.append({**row, "network": family, "reference": SCRATCH_ARMS[family]})
+                if not cfg.keep_models:
+                    (run_root / arm / MODEL_FILE).unlink(missing_ok=True)
     return rows
 
 

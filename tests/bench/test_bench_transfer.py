@@ -170,4 +170,7 @@ def test_run_on_phantoms_writes_record_table_and_figure(tmp_path):
     assert rows[0]["steps"] == 1 and rows[0]["export_target"] == "swinunetr"
     assert "diff" in rows[-1] and rows[-1]["method"] == "swin_ssl"
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_SIGNATURE
+    runs_dir = tmp_path / "transfer-runs" / "finetune" / "phantom" / "k1" / "seed0"
+    assert (runs_dir / "swin_ssl" / "eval" / "dice_per_class.json").is_file()
+    assert not (runs_dir / "swin_ssl" / "models" / "model.pt").exists()  # keep_models is off
     assert "### phantom" in table and "Δ vs scratch" in table
