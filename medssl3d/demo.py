@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medssl3d.bundle_support.settings import bake_settings
+from medssl3d.bundle_support.workflow import run_workflow
 from medssl3d.data.presets import cached_dataset, preset_for
 from medssl3d.data.sample import fetch_sample_data
 from medssl3d.engine.trainer import Pretrainer
 from medssl3d.methods.swin_ssl import build_swin_ssl, swin_ssl_transforms
+from medssl3d.networks.backbones import BACKBONE_SIZES
 from medssl3d.transfer.export import save_weights
 
 logger = logging.getLogger(__name__)
@@ -106,12 +108,13 @@ def run_demo(
         run = out / "finetune" / arm
         overrides = _bundle_overrides(datalist, run, config)
         overrides["pretrained"] = str(encoder) if arm == "pretrained" else ""
-        _run_workflow(bundle, ["train"], "train", overrides)
-        _run_workflow(bundle, ["train", "evaluate"], "train", {**overrides, "eval_split": "test"})
+        run_workflow(bundle, ["train"], "train", overrides, apply_logging=True)
+        run_workflow(bundle, ["train", "evaluate"], "train", {**overrides, "eval_split": "test"},
+                     apply_logging=True)
         dice[arm] = json.loads((run / "eval" / DICE_REPORT).read_text())
-        _run_workflow(
+        run_workflow(
             bundle, ["inference"], "infer",
-            {**_inference_overrides(run), "datalist": [test_case["image"]]},
+            {**_inference_overrides(run), "datalist": [test_case["image"]]}, apply_logging=True,
         )
     shutil.copy2(out / "finetune" / "pretrained" / "models" / "model.pt", bundle / "models" / "model.pt")
 
@@ -202,7 +205,7 @@ def _prepare_bundle(target: Path, datalist: Path, config: DemoConfig) -> Path:
 def _network_settings(config: DemoConfig) -> dict:
     """What the fine-tuned network is: written into the bundle's configs, which MONAI Label reads as they are."""
     return {"modality": "mri", "spacing_mm": config.spacing_mm,
-            "feature_size": 12 if config.backbone_size == "tiny" else 48,
+            "feature_size": BACKBONE_SIZES["swin"][config.backbone_size].feature_size,
             "roi_size": [config.roi] * 3, "sw_batch_size": 1}
 
 
@@ -222,22 +225,6 @@ def _bundle_overrides(datalist: Path, run: Path, config: DemoConfig) -> dict:
 
 def _inference_overrides(run: Path) -> dict:
     return {"ckpt_dir": str(run / "models"), "output_dir": str(run / "pred")}
-
-
-def _run_workflow(bundle: Path, configs: list[str], workflow_type: str, overrides: dict) -> None:
-    from monai.bundle import ConfigWorkflow
-
-    workflow = ConfigWorkflow(
-        config_file=[str(bundle / "configs" / f"{name}.json") for name in configs],
-        meta_file=str(bundle / "configs" / "metadata.json"),
-        logging_file=str(bundle / "configs" / "logging.conf"),
-        workflow_type=workflow_type,
-        bundle_root=str(bundle),
-        **overrides,
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
 
 
 def _prediction(run: Path) -> Path:
