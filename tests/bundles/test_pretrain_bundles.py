@@ -21,6 +21,7 @@ from medssl3d.transfer.export import load_pretrained
 BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 # Every bundle but the segmentation one is a pretraining bundle named after its method, with the ids
 # `backbone_size`, `roi_size`, `export_target`, `smoke_dir` and outputs under `smoke_dir/{runs,models}`.
+QUICK_STEPS = 2
 PRETRAIN_BUNDLES = sorted(p.parent.parent.name for p in BUNDLES.glob("*/configs/train.json"))
 PRETRAIN_BUNDLES.remove("segmentation")
 
@@ -59,6 +60,8 @@ def test_smoke_run_through_config_workflow(bundle, tmp_path):
         workflow_type="train",
         bundle_root=str(BUNDLES / bundle),
         smoke_dir=str(tmp_path),
+        # the torchrun test below runs the same overlay too: two single-volume steps keep the suite short
+        **{"train#trainer#max_steps": QUICK_STEPS, "train#trainer#config#batch_size": 1},
     )
     wf.initialize()
     assert wf.check_properties() == []
@@ -85,12 +88,12 @@ def test_torchrun_two_gloo_processes(bundle, tmp_path):
         "-m", "monai.bundle", "run",
         "--config_file", str(configs(bundle, "train", "smoke", "multi_gpu_train")),
         "--smoke_dir", str(tmp_path),
-        "--train#trainer#max_steps", "2",
+        "--train#trainer#max_steps", str(QUICK_STEPS),
         "--train#trainer#config#batch_size", "1",
         "--train#trainer#config#num_workers", "0",
     ]
     done = subprocess.run(cmd, cwd=BUNDLES / bundle, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "runs" / "checkpoints" / "last.pt")
-    assert ckpt["step"] == 2
+    assert ckpt["step"] == QUICK_STEPS
     assert (tmp_path / "models" / f"encoder_{smoke_target_network(bundle)[0]}.pt").is_file()
