@@ -194,7 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medssl3d`` console command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `bench` takes key=value overrides after its options too (argparse consumes a `*` positional early)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "bench" and not any(e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -87,3 +87,21 @@ def test_export_writes_swinunetr_weights(tmp_path):
 def test_every_command_has_help(command):
     done = medssl3d(command, "--help")
     assert done.returncode == 0 and "usage" in done.stdout
+
+
+def test_bench_takes_overrides_after_its_options(monkeypatch, tmp_path, capsys):
+    import medssl3d.bench.step as step
+    from medssl3d.cli import main
+
+    seen = {}
+
+    def fake_run(suite, output, overrides):
+        seen.update(suite=suite, output=output, overrides=list(overrides))
+        return tmp_path / "record.json", "| table |"
+
+    monkeypatch.setattr(step, "run", fake_run)
+    assert main(["bench", "step", "--suite", "smoke", "-o", "x.json", "repeats=1", "methods=[swin_ssl]"]) == 0
+    assert seen == {"suite": "smoke", "output": "x.json", "overrides": ["repeats=1", "methods=[swin_ssl]"]}
+    assert "| table |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["info", "x.nii.gz", "stray"])
