@@ -30,17 +30,17 @@ DIM, HEADS = 12, 3
 EXACT = {"rtol": 1e-9, "atol": 1e-9}  # float64: the two computations differ by rounding only
 
 
-def _monai_attention(attn_drop=0.0):
+def _monai_attention(attn_drop=0.0, dim=DIM):
     torch.manual_seed(0)
-    attn = WindowAttention(DIM, HEADS, WINDOW, qkv_bias=True, attn_drop=attn_drop).double()
+    attn = WindowAttention(dim, HEADS, WINDOW, qkv_bias=True, attn_drop=attn_drop).double()
     with torch.no_grad():  # MONAI initialises the table near 0; a visible bias tests its indexing
         attn.relative_position_bias_table.normal_()
     return attn
 
 
-def _windows(images=2, seed=1):
+def _windows(images=2, seed=1, dim=DIM):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(images * WINDOWS, N, DIM, generator=g, dtype=torch.float64)
+    return torch.randn(images * WINDOWS, N, dim, generator=g, dtype=torch.float64)
 
 
 def _shift_mask():
@@ -63,12 +63,14 @@ def _assert_same(a, b, **tol):
         torch.testing.assert_close(a[key], b[key], **(tol or EXACT), msg=key)
 
 
+# head width 4 runs the chunked forward, 16 ATen's flash kernel (CHUNKED_FORWARD_MAX_HEAD_DIM)
+@pytest.mark.parametrize("dim", [DIM, 4 * DIM], ids=["head_dim_4", "head_dim_16"])
 @pytest.mark.parametrize("shifted", [False, True], ids=["no_shift", "shift_mask"])
-def test_fused_equals_monai_output_and_gradients(shifted):
-    monai = _monai_attention()
+def test_fused_equals_monai_output_and_gradients(shifted, dim):
+    monai = _monai_attention(dim=dim)
     fused = FusedWindowAttention.from_monai(copy.deepcopy(monai))
     mask = _shift_mask() if shifted else None
-    x = _windows()
+    x = _windows(dim=dim)
     expected = _run(monai, x, mask)
     _assert_same(_run(fused, x, mask), expected)
     if shifted:  # the grouped mask the fused stages pass gives the same
@@ -84,10 +86,11 @@ def test_backward_in_several_chunks_with_a_partial_last_one(monkeypatch):
     _assert_same(_run(fused, x, mask), _run(monai, x, mask))
 
 
-def test_inference_path_equals_monai():
-    monai = _monai_attention().eval()
+@pytest.mark.parametrize("dim", [DIM, 4 * DIM], ids=["head_dim_4", "head_dim_16"])
+def test_inference_path_equals_monai(dim):
+    monai = _monai_attention(dim=dim).eval()
     fused = FusedWindowAttention.from_monai(copy.deepcopy(monai))
-    x, mask = _windows(images=1), _shift_mask()
+    x, mask = _windows(images=1, dim=dim), _shift_mask()
     with torch.no_grad():
         torch.testing.assert_close(fused(x, WindowGroups.from_dense(mask)), monai(x, mask), **EXACT)
         torch.testing.assert_close(fused(x, None), monai(x, None), **EXACT)
