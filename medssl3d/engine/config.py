@@ -39,6 +39,8 @@ class TrainConfig:
         deterministic: use deterministic algorithms (``torch.use_deterministic_algorithms``).
         resume: "auto" (``out_dir/checkpoints/last.pt`` if present), a checkpoint path, or None.
         freeze_last_layer_steps: steps during which ``method.last_layer_parameters()`` are not updated.
+        freeze_last_layer_epochs: epochs during which they are not updated (an epoch of optimizer steps of one
+            process, so one epoch whatever the number of processes); the longer of the two freezes wins.
         find_unused_parameters: passed to DDP.
         tensorboard: write TensorBoard event files.
         seed_transforms: reseed the dataset's random transform per (seed, epoch, index), so
@@ -68,6 +70,7 @@ class TrainConfig:
     deterministic: bool = False
     resume: str | None = RESUME_AUTO
     freeze_last_layer_steps: int = 0
+    freeze_last_layer_epochs: int = 0
     find_unused_parameters: bool = False
     tensorboard: bool = True
     seed_transforms: bool = True
@@ -92,7 +95,7 @@ class TrainConfig:
         for name in ("batch_size", "accumulate_steps", "ckpt_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "warmup_steps", "freeze_last_layer_steps"):
+        for name in ("num_workers", "warmup_steps", "freeze_last_layer_steps", "freeze_last_layer_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:

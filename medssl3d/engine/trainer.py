@@ -270,6 +270,14 @@ class Pretrainer:
         if cfg.max_epochs:
             limits.append(cfg.max_epochs * self.steps_per_epoch)
         self.total_steps = min(limits)
+        self.frozen_last_layer_steps = max(
+            cfg.freeze_last_layer_steps, cfg.freeze_last_layer_epochs * self.steps_per_epoch
+        )
+        if cfg.warmup_steps > self.total_steps:
+            logger.warning(
+                "warmup_steps=%d exceeds the run's %d steps: the learning rate warms up over the whole run "
+                "and never decays", cfg.warmup_steps, self.total_steps
+            )
 
         method = self.method.to(self.device)
         method.train()
@@ -408,7 +416,6 @@ class Pretrainer:
             The mean loss and the last micro-batch's loss parts.
         """
         cfg, method, s = self.config, self.method, self.step
-        info = StepInfo(step=s, total_steps=self.total_steps, epoch=self.epoch)
         lr = warmup_cosine(s, self.total_steps, min(cfg.warmup_steps, self.total_steps), cfg.lr, cfg.min_lr)
         wd = cosine(s, self.total_steps, *cfg.weight_decay)
         momentum = cosine(s, self.total_steps, *cfg.ema_momentum)
@@ -423,6 +430,7 @@ class Pretrainer:
         parts_sum: dict[str, torch.Tensor] = {}
 
         for i, batch in enumerate(micro_batches):
+            info = StepInfo(step=s, total_steps=self.total_steps, epoch=self.epoch, micro_batch=i)
             batch = _to_device(batch, self.device)
             no_sync = self.ddp.no_sync() if self.ddp is not None and i < n - 1 else contextlib.nullcontext()
             with no_sync:
@@ -447,7 +455,7 @@ class Pretrainer:
                     parts_sum[key] = parts_sum.get(key, 0.0) + torch.as_tensor(v).detach().double() / n
 
         dist_utils.all_reduce_grads(self.manual_sync_params)
-        if s < cfg.freeze_last_layer_steps:
+        if s < self.frozen_last_layer_steps:
             for p in method.last_layer_parameters():
                 p.grad = None
         self.scaler.unscale_(self.optimizer)

@@ -25,11 +25,14 @@ class StepInfo:
         step: optimizer step about to be taken, counted from 0.
         total_steps: steps of the whole run.
         epoch: current epoch, from 0.
+        micro_batch: index of this micro-batch within the optimizer step (0 to ``accumulate_steps - 1``);
+            state that must move once per optimizer step (a MoCo key encoder) moves when it is 0.
     """
 
     step: int
     total_steps: int
     epoch: int
+    micro_batch: int = 0
 
     @property
     def progress(self) -> float:
@@ -140,7 +143,11 @@ class SSLMethod(nn.Module, abc.ABC):
         return []
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
-        """Parameters kept frozen for the first ``freeze_last_layer_steps`` (DINO's last layer)."""
+        """Parameters kept frozen during the engine's last-layer freeze (DINO's last layer).
+
+        The freeze lasts ``freeze_last_layer_steps`` optimizer steps or ``freeze_last_layer_epochs`` epochs,
+        whichever is longer; an epoch is counted per process, so it is one epoch whatever the world size.
+        """
         return []
 
     def set_grad_checkpointing(self, enabled: bool = True) -> int:

@@ -137,6 +137,32 @@ def test_freeze_last_layer(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(head_before, method.student.head.parameters(), strict=True))
 
 
+def test_freeze_last_layer_epochs_counts_the_process_epoch(tmp_path):
+    method = _toy()
+    head_before = [p.clone() for p in method.student.head.parameters()]
+    trainer = Pretrainer(method, BlobVolumes(n=4), max_steps=3, freeze_last_layer_epochs=1, out_dir=tmp_path,
+                         **FAST)
+    trainer.run(until_step=2)  # one epoch: 4 volumes, batch 2
+    assert trainer.steps_per_epoch == 2 and trainer.frozen_last_layer_steps == 2
+    assert all(torch.equal(a, b) for a, b in zip(head_before, method.student.head.parameters(), strict=True))
+    trainer.run()
+    assert not all(torch.equal(a, b) for a, b in zip(head_before, method.student.head.parameters(), strict=True))
+
+
+def test_step_info_numbers_the_micro_batches(tmp_path):
+    class Recording(ToyMethod):
+        def forward(self, batch, step):
+            self.calls.append((step.step, step.micro_batch))
+            return super().forward(batch, step)
+
+    torch.manual_seed(0)
+    method = Recording()
+    method.calls = []
+    Pretrainer(method, BlobVolumes(n=8), max_steps=2, accumulate_steps=3, batch_size=1, log_every=1,
+               tensorboard=False, out_dir=tmp_path).run()
+    assert method.calls == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+
+
 def test_config_validation_and_bundle_construction(tmp_path):
     with pytest.raises(ValueError, match="max_steps or max_epochs"):
         TrainConfig()
