@@ -1,4 +1,4 @@
-"""α-balanced binary cross-entropy with soft targets, on logits."""
+"""α-balanced binary cross-entropy with soft targets, on logits (the dense losses of ACE-3D)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,19 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 class BalancedBCEWithLogitsLoss(nn.Module):
-    """``−[α · y · log σ(x) + (1 − α) · (1 − y) · log(1 − σ(x))]`` element-wise, then reduced.
+    """``α_t · BCE(x, t)`` element-wise with ``α_t = α·t + (1 − α)·(1 − t)``, then reduced.
 
-    The α-balancing of focal loss (Lin et al., ICCV 2017) without the focusing term, with soft targets
-    ``y ∈ [0, 1]``: with few positives among many negatives (one Gaussian bump per row of a similarity
-    matrix, as in ACE-3D's dense losses) ``α`` near 1 keeps the positives from being drowned. ``α = 0.5``
-    is half of the ordinary binary cross-entropy. ``log σ`` is computed as ``logsigmoid`` so large
-    logits stay finite.
+    The α-balancing of focal loss (Lin et al., ICCV 2017) without its focusing term: torchvision's
+    ``sigmoid_focal_loss`` with ``γ = 0``, which ACE's official code calls on Gaussian (soft) targets
+    ``t ∈ [0, 1]``. ``BCE(x, t) = −[t·log σ(x) + (1 − t)·log(1 − σ(x))]`` is PyTorch's
+    ``binary_cross_entropy_with_logits`` (finite for large logits). ``α_t`` only reweights an element,
+    so for any soft target the per-element optimum stays ``σ(x) = t``; with few positives among many
+    negatives (one Gaussian bump per row of a similarity matrix) ``α`` near 1 keeps the positives from
+    being drowned. For hard targets this equals ``−[α·t·log σ(x) + (1 − α)(1 − t)·log(1 − σ(x))]``;
+    ``α = 0.5`` is half of the ordinary binary cross-entropy.
 
     Args:
-        alpha: weight of the positive term, in [0, 1].
+        alpha: weight of the positive part of a target, in [0, 1].
         reduction: "mean" (over all elements), "sum" or "none".
 
     Raises:
@@ -53,10 +56,8 @@ class BalancedBCEWithLogitsLoss(nn.Module):
         if logits.shape != targets.shape:
             raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape")
         targets = targets.to(logits.dtype)
-        # log(1 - σ(x)) = logsigmoid(-x)
-        loss = -(
-            self.alpha * targets * F.logsigmoid(logits) + (1.0 - self.alpha) * (1.0 - targets) * F.logsigmoid(-logits)
-        )
+        alpha_t = self.alpha * targets + (1.0 - self.alpha) * (1.0 - targets)
+        loss = alpha_t * F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         if self.reduction == "mean":
             return loss.mean()
         if self.reduction == "sum":
