@@ -95,6 +95,28 @@ def test_train_from_pretrained_saves_plain_state_dict(trained):
     assert list((trained / "smoke" / "eval").glob("events.out.tfevents.*")), "no TensorBoard events written"
 
 
+@pytest.mark.parametrize("pretrained", [True, False], ids=["pretrained", "scratch"])
+def test_recipe_ids_reach_the_optimizer_and_schedule(run_dir, encoder_file, pretrained):
+    wf = workflow(["train", "smoke"], "train", bundle_root=str(run_dir / "recipe"),
+                  pretrained=str(encoder_file[0]) if pretrained else "", learning_rate=1e-3,
+                  encoder_lr_scale=0.1, warmup_epochs=1, freeze_encoder_epochs=1)
+    wf.initialize()
+    opt = wf.parser.get_parsed_content("optimizer")
+    sched = wf.parser.get_parsed_content("lr_scheduler")
+    handlers = wf.parser.get_parsed_content("train#handlers")
+    assert any(getattr(h, "lr_scheduler", None) is sched for h in handlers)
+    assert [g["name"] for g in opt.param_groups] == ["decoder", "encoder"]
+    assert [g["initial_lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-4 if pretrained else 1e-3])
+    # warm-up from 0 for both groups; the encoder's frozen epoch only applies to a pretrained encoder
+    assert sched.get_last_lr() == [0.0, 0.0]
+    per_epoch = len(wf.parser.get_parsed_content("train#dataloader"))
+    for _ in range(per_epoch):
+        opt.step()
+        sched.step()
+    decoder_lr, encoder_lr = sched.get_last_lr()
+    assert decoder_lr > 0 and (encoder_lr == 0.0) == pretrained
+
+
 def test_pretrained_path_that_does_not_exist_fails(run_dir):
     missing = str(run_dir / "missing.pt")
     wf = workflow(["train", "smoke"], "train", bundle_root=str(run_dir), pretrained=missing)
