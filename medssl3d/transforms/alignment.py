@@ -7,8 +7,17 @@ a fixed size (96^3 by default), optionally after an affine registration to a tem
 Every step is a MONAI ``InvertibleTransform``, so ``Compose.inverse`` maps a map computed on the
 aligned grid (an anomaly heatmap) back onto the input's grid.
 
+Without a template, alignment is only as good as the agreement of the foreground boxes: CT of the
+chest, the abdomen or the whole body differ most along the inferior->superior axis, and after the
+resize token ``j`` would then hold different anatomy in different scans. :class:`ForegroundExtentCheckd`
+logs a warning naming every case whose box extent departs from the median of the cases before it.
+
 Alignment is only meaningful without random spatial augmentation:
 :func:`check_no_spatial_augmentation` refuses a pipeline that holds one.
+
+Shapes are written (C, D, H, W); after the preset's ``Orientationd("RAS")`` the spatial axes D, H, W
+run left->right, posterior->anterior and inferior->superior (an (x, y, z) index order).
+See ``docs/methods.md`` (section "AFiRe-3D").
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_SIZE",
+    "EXTENT_TOLERANCE",
+    "ForegroundExtentCheckd",
     "RegisterToTemplated",
     "alignment_transforms",
     "check_no_spatial_augmentation",
@@ -52,6 +63,10 @@ LABEL_MODE = "nearest"
 COARSE_SPACING_MM = DEFAULT_COARSE_SPACING
 """Registration is estimated on both volumes resampled to this isotropic spacing (the provider's default)."""
 REGISTRATION_ITERATIONS = DEFAULT_AFFINE_ITERATIONS
+EXTENT_TOLERANCE = 0.25
+"""Relative departure, on any axis, of a case's foreground-box extent from the median extent above which
+alignment without a template warns (0.25: a 400 mm box against a 320 mm median)."""
+AXIS_NAMES = ("left-right", "posterior-anterior", "inferior-superior")
 SPATIAL_AUGMENTATION = re.compile(r"^Rand\w*(Crop|Flip|Affine|Rotat|Zoom|Elastic|Deform|GridDistortion|GridPatch)")
 """Class names of random transforms that move anatomy (MONAI's and ours, e.g. ``RandRotate90Classd``)."""
 
@@ -227,6 +242,69 @@ class RegisterToTemplated(MapTransform, InvertibleTransform):
         return d
 
 
+def _extent_text(extent: np.ndarray, unit: str) -> str:
+    return " x ".join(f"{e:.0f}" for e in extent) + f" {unit}"
+
+
+class ForegroundExtentCheckd(MapTransform):
+    """Warn when a case's foreground box differs in extent from the cases seen before it; data pass unchanged.
+
+    Placed after the foreground crop (and the resize, which keeps the field of view), the volume's shape
+    times its voxel spacing is the box extent (mm for a ``MetaTensor``, voxels otherwise). Each case is recorded once under its source file name
+    (``filename_or_obj``); a new case whose extent on any axis departs from the median extent of the cases
+    recorded before it by more than ``tolerance`` (relative) is logged as a warning that names it, its
+    extent and the median. Each ``DataLoader`` worker keeps its own record.
+
+    Args:
+        keys: the image key (the first key is read).
+        tolerance: relative departure that warns (> 0).
+        allow_missing_keys: skip an absent key.
+
+    Raises:
+        ValueError: ``tolerance <= 0``.
+    """
+
+    def __init__(self, keys: KeysCollection, tolerance: float = EXTENT_TOLERANCE, allow_missing_keys: bool = False):
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if tolerance <= 0:
+            raise ValueError(f"extent tolerance must be > 0, got {tolerance}")
+        self.tolerance = float(tolerance)
+        self.extents: dict[str, np.ndarray] = {}
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        """Record the first key's box extent and warn when it departs from the median of earlier cases."""
+        d = dict(data)
+        key = self.first_key(d)
+        if key == ():
+            return d
+        img = d[key]
+        meta = getattr(img, "meta", {})
+        name = str(meta.get("filename_or_obj") or f"unnamed case {len(self.extents)}")
+        if name in self.extents:
+            return d
+        spacing = img.pixdim.numpy() if isinstance(img, MetaTensor) else np.ones(3)
+        extent = np.asarray(img.shape[1:], dtype=np.float64) * spacing
+        if self.extents:
+            median = np.median(np.stack(list(self.extents.values())), axis=0)
+            departure = np.abs(extent - median) / median
+            if bool((departure > self.tolerance).any()):
+                unit = "mm" if isinstance(img, MetaTensor) else "voxels"
+                axes = ", ".join(AXIS_NAMES[i] for i in np.flatnonzero(departure > self.tolerance))
+                logger.warning(
+                    "alignment without a template: the foreground box of %s is %s, more than %.0f%% from the "
+                    "median %s of the %d case(s) before it (along %s); token positions then hold different "
+                    "anatomy across scans: give a registration template or data of one coverage",
+                    name,
+                    _extent_text(extent, unit),
+                    100 * self.tolerance,
+                    _extent_text(median, unit),
+                    len(self.extents),
+                    axes,
+                )
+        self.extents[name] = extent
+        return d
+
+
 def alignment_transforms(
     keys: Sequence[str] = ("image",),
     size: Sequence[int] | int = DEFAULT_SIZE,
@@ -237,6 +315,7 @@ def alignment_transforms(
     coarse_spacing: float = COARSE_SPACING_MM,
     registration_iterations: int = REGISTRATION_ITERATIONS,
     registration_cache_dir: str | os.PathLike | None = None,
+    extent_tolerance: float | None = EXTENT_TOLERANCE,
 ) -> Compose:
     """Fixed-grid alignment after a data preset: [register to template] -> foreground crop -> resize.
 
@@ -250,6 +329,8 @@ def alignment_transforms(
         coarse_spacing: spacing (mm) at which the registration is estimated.
         registration_iterations: optimizer iterations of the registration.
         registration_cache_dir: on-disk cache of the case transforms (None: memory only).
+        extent_tolerance: without a template, warn when a case's foreground box departs from the median
+            box by more than this (relative, any axis; see :class:`ForegroundExtentCheckd`); None: never.
 
     Returns:
         An invertible ``Compose`` giving ``{key: MetaTensor (1, *size)}``.
@@ -292,4 +373,6 @@ def alignment_transforms(
             anti_aliasing=(True,) + (False,) * (len(keys) - 1),
         ),
     ]
+    if template is None and extent_tolerance is not None:
+        steps.append(ForegroundExtentCheckd(keys[0], tolerance=extent_tolerance))
     return Compose(steps)

@@ -1,13 +1,19 @@
-"""AFiRe's 3D Synthetic Lesion Mask (SLM): soft, textured ellipsoids added to an aligned volume (methods.md §2).
+"""AFiRe's 3D Synthetic Lesion Mask (SLM): soft, textured ellipsoids added to an aligned volume.
+
+See ``docs/methods.md`` (section "AFiRe-3D").
 
 For a volume ``x`` in the [0, 1] intensity range, 1 to 4 lesions are drawn. Each is an ellipsoid
 with per-axis extents drawn independently from a fraction of the side, centred on a random
 foreground voxel; its texture is a cube cut from the *same* volume around another random
 foreground voxel, trilinearly resized to the lesion's box, and multiplied by a soft ellipsoid
 ``exp(-sum_i ((u_i - c_i) / a_i)^2 / 0.5)`` min-max scaled to ``[0, s]``, ``s ~ U(0, 0.5)``.
-The lesions add into the map ``m >= 0`` and the lesioned volume is ``clip(x + m, 0, 0.92)``
-(hyperdense) or ``clip(x - m, 0, 0.92)`` (hypodense). A patch token is *abnormal* when any voxel
-of its patch has ``m > 0``.
+The lesions add into the map ``m >= 0``; where ``m > 0`` the lesioned volume is
+``clip(x + m, 0, 0.92)`` (hyperdense) or ``clip(x - m, 0, 0.92)`` (hypodense), and everywhere else it
+is ``x`` unchanged (the clip never touches a voxel without lesion). A patch token is *abnormal* when
+any voxel of its patch has ``m > 0``.
+
+Shapes are written (C, D, H, W); after the preset's ``Orientationd("RAS")`` the spatial axes D, H, W
+run left->right, posterior->anterior and inferior->superior (an (x, y, z) index order).
 
 Everything but the loop over the (at most 4) lesions is tensor arithmetic; all randomness is
 drawn from ``self.R``, so MONAI's ``set_determinism`` and ``set_random_state`` reproduce it.
@@ -60,7 +66,8 @@ class LesionOutput(NamedTuple):
     Attributes:
         lesioned: ``x~``, (C, D, H, W).
         lesion_map: the additive map ``m >= 0``, (C, D, H, W).
-        abnormal: (N,) bool, one per patch in (z, y, x) raster order: any voxel of the patch has ``m > 0``.
+        abnormal: (N,) bool, one per patch (raster order over the patch grid, last axis fastest): any
+            voxel of the patch has ``m > 0``.
     """
 
     lesioned: torch.Tensor
@@ -73,7 +80,7 @@ class LesionParams:
     """One lesion's random draw, in voxels of the volume it was drawn for.
 
     Attributes:
-        centre: lesion centre (z, y, x).
+        centre: lesion centre, a voxel index (D, H, W).
         extent: full extent of the lesion's box per axis (>= 1); semi-axes are half of it.
         texture_start: first voxel of the texture cube per axis.
         texture_size: side of the texture cube per axis.
@@ -95,7 +102,8 @@ def abnormal_tokens(lesion_map: torch.Tensor, patch_size: int = PATCH_SIZE) -> t
         patch_size: patch side (the ViT's).
 
     Returns:
-        (N,) or (B, N) bool in (z, y, x) raster order, N = prod(side / patch_size) (MONAI's ViT token order).
+        (N,) or (B, N) bool in raster order over the patch grid, last axis fastest (MONAI's ViT token
+        order), N = prod(side / patch_size).
 
     Raises:
         ValueError: a side is not divisible by ``patch_size``.
@@ -133,7 +141,7 @@ class RandSyntheticLesion(RandomizableTransform):
         texture_fraction: texture cube side as a fraction of the volume's side.
         max_strength: ``s ~ U(0, max_strength)``.
         polarity: ``"hyperdense"`` (add ``m``, the default) or ``"hypodense"`` (subtract it).
-        clip_range: the lesioned volume is clipped to this range.
+        clip_range: lesion voxels (``m > 0``) are clipped to this range; other voxels are left as they are.
         foreground_threshold: voxels above it are foreground (lesion centres, texture centres);
             a volume without foreground uses every voxel.
         patch_size: patch side of the abnormal-token mask.
@@ -248,7 +256,8 @@ class RandSyntheticLesion(RandomizableTransform):
         if randomize:
             self.randomize(x)
         m = self.lesion_map(x)
-        lesioned = (x + SIGNS[self.polarity] * m).clamp(*self.clip_range)
+        # Clip only lesion voxels: a bright normal voxel (bone, contrast) stays what the teacher sees.
+        lesioned = torch.where(m > 0, (x + SIGNS[self.polarity] * m).clamp(*self.clip_range), x)
         return LesionOutput(lesioned, m, abnormal_tokens(m, self.patch_size))
 
 

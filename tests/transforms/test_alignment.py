@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +8,7 @@ from monai.transforms import Compose, OneOf, RandFlipd, RandGaussianNoised, Rand
 
 from medssl3d.data.phantoms import make_phantom, write_nifti
 from medssl3d.transforms.alignment import (
+    ForegroundExtentCheckd,
     RegisterToTemplated,
     alignment_transforms,
     check_no_spatial_augmentation,
@@ -34,6 +37,48 @@ def test_crop_and_resize_to_the_fixed_grid_and_invert():
     torch.testing.assert_close(back.affine, vol.affine)
     inside = vol[0] > 0
     assert float((back[0][inside] - 0.5).abs().max()) < 1e-4 and float(back[0][~inside].abs().max()) == 0.0
+
+
+def _phantom_case(name, shape, spacing=2.0):
+    phantom = make_phantom(shape=shape, spacing=(spacing,) * 3, seed=0)
+    image = np.clip((phantom.image + 125.0) / 350.0, 0, 1).astype(np.float32)
+    affine = torch.as_tensor(phantom.affine)
+    return MetaTensor(torch.from_numpy(image)[None], affine=affine, meta={"filename_or_obj": name})
+
+
+def test_alignment_without_template_warns_about_a_case_of_other_extent(caplog):
+    t = alignment_transforms(size=32)  # default tolerance 0.25
+    chest = _phantom_case("chest.nii.gz", (48, 48, 48))
+    body = _phantom_case("whole_body.nii.gz", (48, 48, 96))  # twice the inferior-superior coverage
+    with caplog.at_level(logging.WARNING, logger="medssl3d.transforms.alignment"):
+        t({"image": chest})
+        t({"image": chest})
+        assert not caplog.records  # one case, and the same case again: nothing to compare
+        out = t({"image": body})["image"]
+    assert out.shape == (1, 32, 32, 32)
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    check = t.transforms[-1]
+    chest_mm, body_mm = check.extents["chest.nii.gz"], check.extents["whole_body.nii.gz"]
+    assert "whole_body.nii.gz" in message and "inferior-superior" in message and "left-right" not in message
+    assert " x ".join(f"{e:.0f}" for e in body_mm) + " mm" in message
+    assert " x ".join(f"{e:.0f}" for e in chest_mm) + " mm" in message
+    # The extents are the foreground boxes in mm: the body spans about twice the chest along the last axis.
+    assert 1.7 < body_mm[2] / chest_mm[2] < 2.3 and abs(body_mm[0] - chest_mm[0]) < 4.0
+
+
+def test_extent_check_is_quiet_within_tolerance_with_a_template_or_when_off(caplog):
+    a, b = _phantom_case("a.nii.gz", (48, 48, 48)), _phantom_case("b.nii.gz", (48, 48, 54))
+    with caplog.at_level(logging.WARNING, logger="medssl3d.transforms.alignment"):
+        t = alignment_transforms(size=32)
+        t({"image": a}), t({"image": b})  # within 25 %
+        off = alignment_transforms(size=32, extent_tolerance=None)
+        assert not any(isinstance(s, ForegroundExtentCheckd) for s in off.transforms)
+        strict = alignment_transforms(size=32, extent_tolerance=0.05)
+        strict({"image": a}), strict({"image": b})
+    assert len(caplog.records) == 1 and "box of b.nii.gz is" in caplog.records[0].getMessage()  # only the strict one
+    with pytest.raises(ValueError, match="tolerance"):
+        ForegroundExtentCheckd("image", tolerance=0.0)
 
 
 def test_guard_names_the_spatial_augmentations():

@@ -34,7 +34,7 @@ def test_lesions_respect_the_configured_geometry(volume):
             assert les.texture_size == tuple(round(0.27 * s) for s in SHAPE)
         m = out.lesion_map
         assert m.shape == volume.shape and float(m.min()) >= 0.0
-        torch.testing.assert_close(out.lesioned, (volume + m).clamp(0.0, 0.92))
+        torch.testing.assert_close(out.lesioned, torch.where(m > 0, (volume + m).clamp(0.0, 0.92), volume))
         # Lesion voxels all lie in the union of the lesions' boxes.
         inside = torch.zeros(SHAPE, dtype=torch.bool)
         for les in t.lesions:
@@ -84,11 +84,28 @@ def test_same_seed_same_lesions_other_seed_other_lesions(volume):
     assert set(d1) == {"image", "image_lesioned", "image_lesion_map", "image_abnormal"}
 
 
+@pytest.mark.parametrize("polarity,sign", [("hyperdense", 1.0), ("hypodense", -1.0)])
+def test_the_clip_touches_lesion_voxels_only(volume, polarity, sign):
+    bright = volume.clone()
+    bright[:, ::2] = torch.where(bright[:, ::2] > 0, 1.0, 0.0)  # half the body saturated, as bone in the CT window
+    t = RandSyntheticLesion(polarity=polarity)
+    for seed in range(4):
+        t.set_random_state(seed)
+        out = t(bright)
+        lesion = out.lesion_map > 0
+        normal = ~lesion
+        assert bool(lesion.any()) and bool((bright[normal] > 0.92).any())
+        assert torch.equal(out.lesioned[normal], bright[normal])  # bit for bit, bright voxels included
+        expected = (bright + sign * out.lesion_map).clamp(0.0, 0.92)
+        assert torch.equal(out.lesioned[lesion], expected[lesion])
+
+
 def test_hypodense_subtracts_and_prob_zero_adds_nothing(volume):
     t = RandSyntheticLesion(polarity="hypodense")
     t.set_random_state(5)
     out = t(volume)
-    torch.testing.assert_close(out.lesioned, (volume - out.lesion_map).clamp(0.0, 0.92))
+    m = out.lesion_map
+    torch.testing.assert_close(out.lesioned, torch.where(m > 0, (volume - m).clamp(0.0, 0.92), volume))
     assert float(out.lesion_map.max()) > 0
     none = RandSyntheticLesion(prob=0.0)(volume)
     assert float(none.lesion_map.abs().max()) == 0.0 and not bool(none.abnormal.any())
