@@ -166,16 +166,28 @@ class SSLMethod(nn.Module, abc.ABC):
                 count += 1
         return count
 
-    def export_state_dict(self, target: str) -> dict[str, torch.Tensor]:
-        """The student backbone's weights keyed for MONAI ``target`` ("swinunetr" or "unetr").
+    def export_state_dict(self, target: str, source: str = "student") -> dict[str, torch.Tensor]:
+        """The backbone's weights keyed for MONAI ``target`` ("swinunetr" or "unetr").
+
+        Args:
+            target: ``"swinunetr"`` or ``"unetr"``.
+            source: ``"student"``, or ``"teacher"`` for the EMA teacher's backbone (methods with one).
 
         Raises:
-            ValueError: if the student has no ``backbone`` to export.
+            ValueError: an unknown ``source``, or a network without a ``backbone`` to export.
         """
-        backbone = getattr(self.student, "backbone", None)
+        if source not in ("student", "teacher"):
+            raise ValueError(f"export source must be 'student' or 'teacher', got {source!r}")
+        network = self.student if source == "student" else self.teacher
+        backbone = getattr(network, "backbone", None)
         if backbone is None or not hasattr(backbone, "export_state_dict"):
-            raise ValueError(f"method {self.name!r}: student has no backbone with export_state_dict()")
+            raise ValueError(f"method {self.name!r}: the {source} has no backbone with export_state_dict()")
         return backbone.export_state_dict(target)
+
+    def default_export_source(self) -> str:
+        """``"teacher"`` where the method keeps an EMA teacher backbone (what the online probe scores), else
+        ``"student"``."""
+        return "teacher" if hasattr(getattr(self, "teacher", None), "backbone") else "student"
 
     def train(self, mode: bool = True) -> SSLMethod:
         """Set training mode, keeping the teacher in eval mode."""

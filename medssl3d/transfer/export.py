@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,8 +25,11 @@ from medssl3d.networks.backbones import EXPORT_TARGETS, NET_PREFIX, to_target_ke
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ENCODER_INFO_KEY",
+    "STATE_DICT_KEY",
     "STUDENT_BACKBONE_PREFIX",
     "LoadReport",
+    "atomic_torch_save",
     "export_weights",
     "load_pretrained",
     "load_pretrained_into",
@@ -36,6 +40,10 @@ STUDENT_BACKBONE_PREFIX = "student.backbone."
 """Where an ``SSLMethod``'s state dict keeps the student backbone (``method.student.backbone``)."""
 CHECKPOINT_MODEL_KEY = "model"
 """The key of a pretraining checkpoint that holds the method's state dict."""
+STATE_DICT_KEY = "state_dict"
+"""The key of an encoder file (:mod:`medssl3d.transfer.encoder_info`) that holds the exported tensors."""
+ENCODER_INFO_KEY = "medssl3d_encoder"
+"""The key of an encoder file that holds its description."""
 MAX_LISTED_KEYS = 5
 """How many offending keys an error message quotes before summarising the rest."""
 
@@ -76,7 +84,8 @@ def export_weights(checkpoint_or_state: WeightsLike, target: str | None = None) 
             with ``weights_only=True``), or an in-memory dict: a checkpoint
             (``{"model": method_state, ...}``), a method state dict (student backbone under
             ``student.backbone.``), a backbone state dict (``net.*``), or an already exported
-            dict (``swinViT.*`` / ``vit.*``, passed through).
+            dict (``swinViT.*`` / ``vit.*``, passed through), plain or inside an encoder file
+            (``{"state_dict": ..., "medssl3d_encoder": ...}``).
         target: ``"swinunetr"`` or ``"unetr"``; ``None`` infers it from the keys.
 
     Returns:
@@ -91,8 +100,9 @@ def export_weights(checkpoint_or_state: WeightsLike, target: str | None = None) 
         if isinstance(checkpoint_or_state, (str, os.PathLike))
         else checkpoint_or_state
     )
-    if CHECKPOINT_MODEL_KEY in state and isinstance(state[CHECKPOINT_MODEL_KEY], Mapping):
-        state = state[CHECKPOINT_MODEL_KEY]
+    for wrapper in (CHECKPOINT_MODEL_KEY, STATE_DICT_KEY):
+        if wrapper in state and isinstance(state[wrapper], Mapping):
+            state = state[wrapper]
     if any(k.startswith(STUDENT_BACKBONE_PREFIX) for k in state):
         state = {
             k[len(STUDENT_BACKBONE_PREFIX) :]: v
@@ -242,12 +252,8 @@ def load_pretrained_into(
     return net
 
 
-def save_weights(state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
-    """Save a state dict atomically (temporary file in the same folder, then ``os.replace``).
-
-    Args:
-        state: tensors to save (e.g. from :func:`export_weights`).
-        path: destination; parent folders are created.
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through a temporary file in the same folder and ``os.replace``; parents are created.
 
     Returns:
         The destination path.
@@ -257,9 +263,22 @@ def save_weights(state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
+            torch.save(obj, f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_weights(state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
+    """Save a plain state dict atomically (see :func:`atomic_torch_save`).
+
+    Args:
+        state: tensors to save (e.g. from :func:`export_weights`).
+        path: destination; parent folders are created.
+
+    Returns:
+        The destination path.
+    """
+    return atomic_torch_save(dict(state), path)

@@ -117,6 +117,29 @@ def test_recipe_ids_reach_the_optimizer_and_schedule(run_dir, encoder_file, pret
     assert decoder_lr > 0 and (encoder_lr == 0.0) == pretrained
 
 
+def test_encoder_description_configures_the_bundle_and_a_mismatch_is_refused(run_dir, encoder_file):
+    from medssl3d.data.presets import preset_for
+    from medssl3d.transfer.encoder_info import describe_encoder, save_encoder
+
+    info = describe_encoder(method="alice", export_target="swinunetr", backbone_size="tiny", roi_size=SMOKE_ROI,
+                            preset=preset_for("mri", 2.5), steps=10, source="teacher")
+    described = save_encoder(encoder_file[1], run_dir / "described.pt", info)
+    # train.json alone: every network and preprocessing setting comes from the encoder
+    parser = ConfigParser()
+    parser.read_config(cfg("train"))
+    parser.update({"bundle_root": str(run_dir), "metadata_file": str(META), "pretrained": str(described)})
+    assert [parser.get_parsed_content(k) for k in ("arch", "feature_size", "modality", "spacing_mm", "roi_size")] \
+        == ["swinunetr", 12, "mri", [2.5, 2.5, 2.5], SMOKE_ROI]
+    net = parser.get_parsed_content("network_pretrained")
+    torch.testing.assert_close(net.state_dict()[ENCODER_KEY], encoder_file[1][ENCODER_KEY])
+    parser.update({"feature_size": 24})
+    parser.ref_resolver.reset()
+    with pytest.raises(RuntimeError) as err:  # MONAI wraps the error of a config expression
+        parser.get_parsed_content("network_pretrained", lazy=False)
+    assert isinstance(err.value.__cause__, ValueError)
+    assert "encoder pretrained with feature_size=12 (alice), the bundle sets feature_size=24" in str(err.value.__cause__)
+
+
 def test_pretrained_path_that_does_not_exist_fails(run_dir):
     missing = str(run_dir / "missing.pt")
     wf = workflow(["train", "smoke"], "train", bundle_root=str(run_dir), pretrained=missing)

@@ -59,6 +59,21 @@ def test_default_hooks():
     assert list(m.export_state_dict("swinunetr")) == ["swinunetr.proj.weight"]
 
 
+def test_export_source_picks_the_teacher_or_the_student_backbone():
+    m = Tiny()
+    with torch.no_grad():
+        m.teacher.backbone.proj.weight.fill_(7.0)
+    assert m.default_export_source() == "teacher"
+    assert torch.equal(m.export_state_dict("unetr", source="teacher")["unetr.proj.weight"], torch.full((2, 2), 7.0))
+    assert torch.equal(m.export_state_dict("unetr")["unetr.proj.weight"], m.student.backbone.proj.weight)
+    student_only = Tiny(with_teacher=False)
+    assert student_only.default_export_source() == "student"
+    with pytest.raises(ValueError, match="teacher has no backbone"):
+        student_only.export_state_dict("unetr", source="teacher")
+    with pytest.raises(ValueError, match="'ema'"):
+        m.export_state_dict("unetr", source="ema")
+
+
 def test_student_runner_routes_calls_without_changing_state_dict():
     m = Tiny()
     keys = list(m.state_dict())

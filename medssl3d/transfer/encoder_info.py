@@ -1,0 +1,194 @@
+"""Encoders that describe themselves: what was pretrained, how, on what, stored inside the weights file.
+
+An exported encoder file is ``{"state_dict": {MONAI keys: tensors}, "medssl3d_encoder": info}``, where
+``info`` (:func:`describe_encoder`) names the method, the backbone family and size with its width, the crop,
+the preprocessing preset (modality, spacing, intensity mapping), the optimizer steps, which network was
+exported (the EMA teacher or the student) and the medssl3d version. MONAI users load
+``torch.load(f)["state_dict"]``; :func:`medssl3d.transfer.export.export_weights` reads both this form and
+a plain state dict. The segmentation bundle configures itself from ``info`` (:func:`encoder_setting`) and
+refuses an encoder that cannot fit the network or the data it is asked to work on
+(:func:`fitting_encoder`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import medssl3d
+from medssl3d.data.presets import PresetConfig
+from medssl3d.networks.backbones import BACKBONE_SIZES
+from medssl3d.transfer.export import ENCODER_INFO_KEY, STATE_DICT_KEY, atomic_torch_save
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EXPORT_SOURCES", "describe_encoder", "encoder_setting", "fitting_encoder", "read_encoder_info",
+           "save_encoder"]
+
+EXPORT_SOURCES = ("teacher", "student")
+"""Which network of a method an export hands over: the EMA teacher (where the method has one) or the student."""
+FAMILY_BY_TARGET = {"swinunetr": "swin", "unetr": "vit"}
+PRESET_FIELDS = ("modality", "spacing", "axcodes", "scaling", "a_min", "a_max", "b_min", "b_max",
+                 "lower_percentile", "upper_percentile")
+"""The preset fields an encoder records: what a voxel meant to it."""
+
+
+def describe_encoder(
+    *,
+    method: str,
+    export_target: str,
+    backbone_size: str,
+    roi_size: Sequence[int],
+    preset: PresetConfig,
+    steps: int,
+    source: str,
+) -> dict[str, Any]:
+    """The description saved with an exported encoder (plain types, loadable with ``weights_only=True``).
+
+    Args:
+        method: the pretraining method's name, e.g. ``"alice"``.
+        export_target: ``"swinunetr"`` or ``"unetr"``.
+        backbone_size: ``"tiny"``, ``"small"`` or ``"base"``.
+        roi_size: the pretraining crop ``(R, A, S)`` in voxels.
+        preset: the preprocessing the encoder was pretrained on.
+        steps: optimizer steps of the pretraining run.
+        source: ``"teacher"`` or ``"student"``.
+
+    Raises:
+        ValueError: an unknown target, size or source.
+    """
+    if export_target not in FAMILY_BY_TARGET:
+        raise ValueError(f"export_target must be one of {sorted(FAMILY_BY_TARGET)}, got {export_target!r}")
+    family = FAMILY_BY_TARGET[export_target]
+    if backbone_size not in BACKBONE_SIZES[family]:
+        raise ValueError(f"backbone_size must be one of {sorted(BACKBONE_SIZES[family])}, got {backbone_size!r}")
+    if source not in EXPORT_SOURCES:
+        raise ValueError(f"export source must be one of {EXPORT_SOURCES}, got {source!r}")
+    size = dataclasses.asdict(BACKBONE_SIZES[family][backbone_size])
+    return {
+        "method": str(method),
+        "export_target": export_target,
+        "backbone": family,
+        "backbone_size": backbone_size,
+        "width": {k: (list(v) if isinstance(v, tuple) else v) for k, v in size.items()},
+        "roi_size": [int(r) for r in roi_size],
+        "preset": {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(preset).items()
+            if k in PRESET_FIELDS
+        },
+        "steps": int(steps),
+        "source": source,
+        "medssl3d_version": medssl3d.__version__,
+    }
+
+
+def save_encoder(state: Mapping[str, Tensor], path: str | os.PathLike, info: Mapping[str, Any]) -> Path:
+    """Write ``{"state_dict": state, "medssl3d_encoder": info}`` atomically; returns the path."""
+    return atomic_torch_save({STATE_DICT_KEY: dict(state), ENCODER_INFO_KEY: dict(info)}, path)
+
+
+def read_encoder_info(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The description inside an encoder file; ``None`` for no path or a file without one (a plain state dict).
+
+    Raises:
+        ValueError: the file does not exist or holds no dict.
+    """
+    if not path:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"pretrained weights file {str(path)!r} does not exist")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"pretrained weights file {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    info = obj.get(ENCODER_INFO_KEY)
+    return dict(info) if isinstance(info, Mapping) else None
+
+
+def encoder_setting(info: Mapping[str, Any] | None, name: str, default: Any) -> Any:
+    """A segmentation-bundle setting taken from the encoder's description, else ``default``.
+
+    ``name`` is one of ``feature_size``, ``vit_hidden_size``, ``vit_mlp_dim``, ``vit_num_heads``,
+    ``roi_size``, ``modality``, ``spacing_mm``, ``arch``.
+
+    Raises:
+        ValueError: an unknown ``name``.
+    """
+    if name not in _SETTINGS:
+        raise ValueError(f"unknown encoder setting {name!r}; known: {sorted(_SETTINGS)}")
+    if not info:
+        return default
+    value = _SETTINGS[name](info)
+    return default if value is None else value
+
+
+_SETTINGS = {
+    "arch": lambda info: info["export_target"],
+    "feature_size": lambda info: info["width"].get("feature_size"),
+    "vit_hidden_size": lambda info: info["width"].get("hidden_size"),
+    "vit_mlp_dim": lambda info: info["width"].get("mlp_dim"),
+    "vit_num_heads": lambda info: info["width"].get("num_heads"),
+    "roi_size": lambda info: list(info["roi_size"]),
+    "modality": lambda info: info["preset"]["modality"],
+    "spacing_mm": lambda info: list(info["preset"]["spacing"]),
+}
+
+
+def fitting_encoder(
+    path: str | os.PathLike | None,
+    info: Mapping[str, Any] | None,
+    *,
+    arch: str,
+    feature_size: int,
+    vit_hidden_size: int,
+    modality: str,
+    spacing_mm: float | Sequence[float] | None,
+    roi_size: Sequence[int],
+) -> str | os.PathLike | None:
+    """``path`` itself, once its encoder is known to serve the segmentation network and data it is set up for.
+
+    The network (``arch`` and width) and the modality must be the encoder's: anything else is an error in
+    one line naming the setting and both values. Another crop or spacing is allowed (the same anatomy at
+    another scale) and logged as a warning. A file without a description (``info`` None) passes: the weight
+    loader still counts every tensor by name and shape.
+
+    Args:
+        path: the encoder file (``""`` or ``None``: scratch).
+        info: its description (:func:`read_encoder_info`).
+        arch: the bundle's ``arch``.
+        feature_size: the bundle's ``feature_size`` (SwinUNETR width).
+        vit_hidden_size: the bundle's ``vit_hidden_size`` (UNETR width).
+        modality: the bundle's ``modality``.
+        spacing_mm: the bundle's ``spacing_mm`` (``None``: the encoder's).
+        roi_size: the bundle's ``roi_size``.
+
+    Raises:
+        ValueError: ``"<file>: encoder pretrained with <setting>=<a> (<method>), the bundle sets <setting>=<b>"``.
+    """
+    if not path or info is None:
+        return path
+    setting, key, wanted = (
+        ("feature_size", "feature_size", feature_size) if arch == "swinunetr"
+        else ("vit_hidden_size", "hidden_size", vit_hidden_size)
+    )
+    required = [("arch", info["export_target"], arch), (setting, info["width"].get(key), wanted),
+                ("modality", str(info["preset"]["modality"]).lower(), str(modality).lower())]
+    for name, theirs, ours in required:
+        if theirs != ours:
+            raise ValueError(
+                f"{path}: encoder pretrained with {name}={theirs!r} ({info['method']}), the bundle sets {name}={ours!r}"
+            )
+    spacing = list(info["preset"]["spacing"]) if spacing_mm is None else (
+        [float(spacing_mm)] * 3 if isinstance(spacing_mm, (int, float)) else [float(s) for s in spacing_mm])
+    for name, theirs, ours in (("spacing_mm", list(info["preset"]["spacing"]), spacing),
+                               ("roi_size", list(info["roi_size"]), [int(r) for r in roi_size])):
+        if theirs != ours:
+            logger.warning("%s: encoder pretrained with %s=%s, fine-tuning with %s=%s", path, name, theirs, name, ours)
+    return path
