@@ -9,7 +9,8 @@ import os
 
 import numpy as np
 
-from medssl3d.data.readers import detect_format, list_series, load_array, read_header
+from medssl3d.data.dicom import list_series
+from medssl3d.data.readers import detect_format, load_array, read_header
 
 PERCENTILES = (0.5, 1.0, 5.0, 50.0, 95.0, 99.0, 99.5)
 

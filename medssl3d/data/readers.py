@@ -11,7 +11,6 @@ DICOM series therefore loads voxel for voxel equal, with the same affine.
 from __future__ import annotations
 
 import gzip
-import logging
 import os
 import struct
 import zlib
@@ -27,36 +26,45 @@ from monai.data import ImageReader, NibabelReader
 from monai.transforms import LoadImaged
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
+from medssl3d.data.dicom import (
+    DUPLICATE_ATOL,
+    PIXEL_DTYPES,
+    RAS_FROM_LPS,
+    DicomSeries,
+    list_series,
+    read_dicom_series,
+    scan_dicom_series,
+)
 from medssl3d.data.errors import InputError
 from medssl3d.data.validation import select_volume
 
-logger = logging.getLogger(__name__)
+# The DICOM-series names live in medssl3d.data.dicom and stay importable from here.
+__all__ = [
+    "META_SUFFIXES",
+    "NIFTI_SUFFIXES",
+    "NRRD_SUFFIXES",
+    "SUPPORTED",
+    "DicomSeries",
+    "LoadVolumed",
+    "SITKReader",
+    "VolumeHeader",
+    "VolumeReader",
+    "affine_from_sitk",
+    "detect_format",
+    "list_series",
+    "load_array",
+    "read_dicom_series",
+    "read_header",
+    "scan_dicom_series",
+    "volume_loader",
+]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 META_SUFFIXES = (".mha", ".mhd")
 SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
-MISSING_SLICE_FACTOR = 1.5  # a gap this many times the median slice spacing means missing slices
-UNIFORM_RTOL = 0.01  # slice gaps within 1% of their median count as uniform (DICOM decimal-string rounding)
-DUPLICATE_ATOL = 1e-3  # mm; slices closer than this share a position
-RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 GZIP_CHUNK = 1 << 20
 GZIP_ISIZE_MODULUS = 1 << 32
-SERIES_UID_TAG = "0020|000e"
-MODALITY_TAG = "0008|0060"
-DESCRIPTION_TAG = "0008|103e"
-PIXEL_DTYPES = {
-    sitk.sitkUInt8: "uint8",
-    sitk.sitkInt8: "int8",
-    sitk.sitkUInt16: "uint16",
-    sitk.sitkInt16: "int16",
-    sitk.sitkUInt32: "uint32",
-    sitk.sitkInt32: "int32",
-    sitk.sitkUInt64: "uint64",
-    sitk.sitkInt64: "int64",
-    sitk.sitkFloat32: "float32",
-    sitk.sitkFloat64: "float64",
-}
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -91,258 +99,6 @@ def affine_from_sitk(image: sitk.Image | sitk.ImageFileReader) -> np.ndarray:
     lps[:n, :n] = direction @ np.diag(np.asarray(image.GetSpacing(), dtype=float)[:n])
     lps[:n, 3] = np.asarray(image.GetOrigin(), dtype=float)[:n]
     return RAS_FROM_LPS @ lps
-
-
-@dataclass
-class DicomSeries:
-    """One DICOM series as found on disk, sorted along the slice normal.
-
-    Attributes:
-        folder: the series folder.
-        series_uid: SeriesInstanceUID.
-        files: slice files in spatial order (increasing position along the slice normal).
-        positions: (N,) slice positions along the normal, mm.
-        origin: ImagePositionPatient of the first slice (LPS, mm).
-        direction: (3, 3) LPS direction cosines (columns: row direction, column direction, normal).
-        pixel_spacing: in-plane spacing (between columns, between rows), mm.
-        size: in-plane size (columns, rows).
-        dtype: pixel type SimpleITK returns (after rescale slope/intercept).
-        modality: Modality tag ("" if absent).
-        description: SeriesDescription ("" if absent).
-    """
-
-    folder: Path
-    series_uid: str
-    files: tuple[str, ...]
-    positions: np.ndarray
-    origin: np.ndarray
-    direction: np.ndarray
-    pixel_spacing: tuple[float, float]
-    size: tuple[int, int]
-    dtype: str
-    modality: str
-    description: str
-
-    @property
-    def gaps(self) -> np.ndarray:
-        """(N - 1,) distances between consecutive slices, mm."""
-        return np.diff(self.positions)
-
-    @property
-    def is_uniform(self) -> bool:
-        """Whether slice gaps agree with their median within ``UNIFORM_RTOL``."""
-        if len(self.files) < 2:
-            return True
-        median = float(np.median(self.gaps))
-        return bool(np.all(np.abs(self.gaps - median) <= UNIFORM_RTOL * median))
-
-    def slice_spacing(self) -> float:
-        """Mean slice spacing (exact for uniform series, whose positions carry decimal-string rounding)."""
-        if len(self.files) < 2:
-            return 1.0
-        return float((self.positions[-1] - self.positions[0]) / (len(self.files) - 1))
-
-    def affine(self, slice_spacing: float | None = None) -> np.ndarray:
-        """(4, 4) RAS affine of the stacked series (optionally with another slice spacing)."""
-        spacing = (*self.pixel_spacing, self.slice_spacing() if slice_spacing is None else slice_spacing)
-        lps = np.eye(4)
-        lps[:3, :3] = self.direction @ np.diag(spacing)
-        lps[:3, 3] = self.origin
-        return RAS_FROM_LPS @ lps
-
-
-def _meta(reader: sitk.ImageFileReader, tag: str) -> str:
-    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
-
-
-def list_series(folder: str | os.PathLike) -> tuple[str, ...]:
-    """SeriesInstanceUIDs of the DICOM series in ``folder`` (GDCM series discovery, not recursive)."""
-    return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-
-
-def scan_dicom_series(
-    folder: str | os.PathLike,
-    *,
-    series_uid: str | None = None,
-    allow_nonuniform_spacing: bool = False,
-) -> DicomSeries:
-    """Find one series in a folder and read its slice headers (no pixel data).
-
-    Args:
-        folder: a folder of DICOM files.
-        series_uid: the series to use when the folder holds several.
-        allow_nonuniform_spacing: accept slice gaps that vary (the caller resamples).
-
-    Returns:
-        The series, sorted along its slice normal.
-
-    Raises:
-        InputError: naming the folder, when it holds no series, several series and no ``series_uid`` (the
-            UIDs are listed), not the requested series, slices with mixed orientation or duplicate
-            positions, missing slices (a gap over 1.5x the median spacing), or non-uniform spacing
-            without ``allow_nonuniform_spacing``.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(folder, "DICOM series folder not found")
-    uids = list_series(folder)
-    if not uids:
-        raise InputError(folder, "no DICOM series found in this folder (subfolders are not searched)")
-    if series_uid is None:
-        if len(uids) > 1:
-            listed = ", ".join(uids)
-            raise InputError(folder, f"{len(uids)} DICOM series found; choose one with series_uid: {listed}")
-        series_uid = uids[0]
-    elif series_uid not in uids:
-        raise InputError(folder, f"series {series_uid} not found; the folder holds: {', '.join(uids)}")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
-
-    reader = sitk.ImageFileReader()
-    reader.LoadPrivateTagsOff()
-    origins, directions = [], []
-    for name in files:
-        reader.SetFileName(name)
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as err:
-            raise InputError(name, f"corrupt DICOM file ({str(err).strip().splitlines()[-1]})") from err
-        origins.append(reader.GetOrigin())
-        directions.append(reader.GetDirection())
-    # In-plane size, spacing and tags come from the last file read; the series reader rejects slices that
-    # disagree on them, and orientation is checked here because it sets the geometry.
-    direction = np.asarray(directions[0], dtype=float).reshape(3, 3)
-    if not np.allclose(np.asarray(directions, dtype=float), np.asarray(directions[0]), atol=DUPLICATE_ATOL):
-        raise InputError(folder, f"series {series_uid}: slices have different orientations")
-    origins = np.asarray(origins, dtype=float)
-    normal = np.cross(direction[:, 0], direction[:, 1])
-    direction[:, 2] = normal
-    positions = origins @ normal
-    order = np.argsort(positions, kind="stable")
-    positions, origins = positions[order], origins[order]
-    files = tuple(files[i] for i in order)
-    series = DicomSeries(
-        folder=folder,
-        series_uid=series_uid,
-        files=files,
-        positions=positions,
-        origin=origins[0],
-        direction=direction,
-        pixel_spacing=tuple(float(s) for s in reader.GetSpacing()[:2]),
-        size=tuple(int(s) for s in reader.GetSize()[:2]),
-        dtype=PIXEL_DTYPES.get(reader.GetPixelID(), sitk.GetPixelIDValueAsString(reader.GetPixelID())),
-        modality=_meta(reader, MODALITY_TAG),
-        description=_meta(reader, DESCRIPTION_TAG),
-    )
-    _check_spacing(series, allow_nonuniform_spacing)
-    return series
-
-
-def _check_spacing(series: DicomSeries, allow_nonuniform_spacing: bool) -> None:
-    if len(series.files) < 2:
-        return
-    gaps = series.gaps
-    where = f"series {series.series_uid}"
-    if np.any(gaps < DUPLICATE_ATOL):
-        k = int(np.argmin(gaps))
-        raise InputError(
-            series.folder,
-            f"{where}: slices {Path(series.files[k]).name} and {Path(series.files[k + 1]).name} share the "
-            f"position {series.positions[k]:.4g} mm (duplicate slices, or several acquisitions in a series)",
-        )
-    median = float(np.median(gaps))
-    k = int(np.argmax(gaps))
-    if gaps[k] > MISSING_SLICE_FACTOR * median:
-        n_missing = round(gaps[k] / median) - 1
-        raise InputError(
-            series.folder,
-            f"{where}: missing slice(s): gap of {gaps[k]:.4g} mm between {Path(series.files[k]).name} and "
-            f"{Path(series.files[k + 1]).name} (positions {series.positions[k]:.4g} and "
-            f"{series.positions[k + 1]:.4g} mm), about {n_missing} slice(s) missing at the median spacing "
-            f"of {median:.4g} mm",
-        )
-    if not series.is_uniform and not allow_nonuniform_spacing:
-        raise InputError(
-            series.folder,
-            f"{where}: non-uniform slice spacing (gaps from {gaps.min():.4g} to {gaps.max():.4g} mm, median "
-            f"{median:.4g} mm); pass allow_nonuniform_spacing=True to resample onto a uniform grid",
-        )
-
-
-def _uniform_count(positions: np.ndarray, spacing: float) -> int:
-    """Number of slices of a uniform grid at ``spacing`` from the first to (at most) the last position."""
-    return int(np.floor((positions[-1] - positions[0]) / spacing + UNIFORM_RTOL)) + 1
-
-
-def _resample_slices(array: np.ndarray, positions: np.ndarray, spacing: float) -> np.ndarray:
-    """Linearly interpolate the last axis from ``positions`` onto a uniform grid from the first slice."""
-    n_out = _uniform_count(positions, spacing)
-    targets = positions[0] + spacing * np.arange(n_out)
-    upper = np.clip(np.searchsorted(positions, targets, side="right"), 1, len(positions) - 1)
-    weight = ((targets - positions[upper - 1]) / (positions[upper] - positions[upper - 1])).astype(np.float32)
-    return array[..., upper - 1] * (1 - weight) + array[..., upper] * weight
-
-
-def read_dicom_series(
-    folder: str | os.PathLike,
-    *,
-    series_uid: str | None = None,
-    allow_nonuniform_spacing: bool = False,
-    resample_spacing: float | None = None,
-) -> sitk.Image:
-    """Read a DICOM series into a SimpleITK image with the geometry taken from the slice headers.
-
-    Args:
-        folder: series folder.
-        series_uid: series to read when the folder holds several.
-        allow_nonuniform_spacing: resample series with varying slice gaps onto a uniform grid (logged).
-        resample_spacing: slice spacing (mm) of that grid; default the median gap.
-
-    Returns:
-        A 3D image; metadata keys "series_uid", "modality", "description".
-
-    Raises:
-        InputError: see :func:`scan_dicom_series`; also for unreadable pixel data.
-    """
-    series = scan_dicom_series(
-        folder, series_uid=series_uid, allow_nonuniform_spacing=allow_nonuniform_spacing
-    )
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(list(series.files))
-    if not series.is_uniform:
-        reader.SetSpacingWarningRelThreshold(np.inf)  # checked and handled below
-    try:
-        image = reader.Execute()
-    except RuntimeError as err:
-        raise InputError(folder, f"cannot read the pixel data of series {series.series_uid} ({err})") from err
-    if series.is_uniform:
-        affine = series.affine()
-    else:
-        spacing = float(np.median(series.gaps)) if resample_spacing is None else float(resample_spacing)
-        array = _resample_slices(
-            sitk.GetArrayFromImage(image).T.astype(np.float32), series.positions, spacing
-        )
-        logger.info(
-            "%s: series %s has non-uniform slice spacing (gaps %.4g-%.4g mm); resampled %d slices onto a "
-            "uniform grid of %d slices at %.4g mm",
-            folder,
-            series.series_uid,
-            series.gaps.min(),
-            series.gaps.max(),
-            len(series.files),
-            array.shape[-1],
-            spacing,
-        )
-        image = sitk.GetImageFromArray(np.ascontiguousarray(array.T))
-        affine = series.affine(spacing)
-    lps = RAS_FROM_LPS @ affine
-    spacing3 = np.linalg.norm(lps[:3, :3], axis=0)
-    image.SetSpacing(spacing3.tolist())
-    image.SetDirection((lps[:3, :3] / spacing3).flatten().tolist())
-    image.SetOrigin(lps[:3, 3].tolist())
-    image.SetMetaData("series_uid", series.series_uid)
-    image.SetMetaData("modality", series.modality)
-    image.SetMetaData("description", series.description)
-    return image
 
 
 class SITKReader(ImageReader):
@@ -762,8 +518,7 @@ def read_header(
     n_slices = len(series.files)
     slice_spacing = None
     if not series.is_uniform:
-        slice_spacing = float(np.median(series.gaps)) if resample_spacing is None else float(resample_spacing)
-        n_slices = _uniform_count(series.positions, slice_spacing)
+        slice_spacing, n_slices = series.resample_grid(resample_spacing)
     affine = series.affine(slice_spacing)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     return _header(path, (*series.size, n_slices), affine, spacing, series.dtype, series.series_uid)

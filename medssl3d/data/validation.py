@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -19,9 +19,6 @@ from monai.transforms import MapTransform
 
 from medssl3d.data.errors import InputError
 
-if TYPE_CHECKING:
-    from medssl3d.data.readers import VolumeHeader
-
 logger = logging.getLogger(__name__)
 
 SPATIAL_DIMS = 3
@@ -29,6 +26,14 @@ DEFAULT_GRID_ATOL = 1e-3  # mm (and mm per voxel for the direction-times-spacing
 FILENAME_KEY = "filename_or_obj"
 
 Array = np.ndarray | torch.Tensor
+
+
+class GridHeader(Protocol):
+    """What :func:`check_same_grid` reads of a header, e.g. a :class:`~medssl3d.data.readers.VolumeHeader`."""
+
+    path: str
+    shape: tuple[int, ...]
+    affine: np.ndarray
 
 
 def _shape(array: Array) -> tuple[int, ...]:
@@ -126,7 +131,7 @@ def check_volume(
 
 
 def check_same_grid(
-    image_header: VolumeHeader, label_header: VolumeHeader, *, atol: float = DEFAULT_GRID_ATOL
+    image_header: GridHeader, label_header: GridHeader, *, atol: float = DEFAULT_GRID_ATOL
 ) -> None:
     """Check that a label lies on its image's voxel grid (same shape, same affine within ``atol``).
 

@@ -8,15 +8,14 @@ import torch
 from monai.data import DataLoader, Dataset, ImageReader, MetaTensor
 from monai.transforms import LoadImaged
 
+from medssl3d.data.dicom import list_series, scan_dicom_series
 from medssl3d.data.errors import InputError
 from medssl3d.data.phantoms import make_phantom, write_case, write_dicom_series
 from medssl3d.data.readers import (
     SITKReader,
     VolumeHeader,
     detect_format,
-    list_series,
     read_header,
-    scan_dicom_series,
     volume_loader,
 )
 
@@ -138,7 +137,7 @@ def test_nonuniform_spacing_is_an_error_unless_resampling_is_allowed(tmp_path, c
             call()
         assert str(folder) in str(err.value) and "allow_nonuniform_spacing" in str(err.value)
 
-    with caplog.at_level(logging.INFO, logger="medssl3d.data.readers"):
+    with caplog.at_level(logging.INFO, logger="medssl3d.data.dicom"):
         loaded = volume_loader("image", allow_nonuniform_spacing=True)({"image": str(folder)})["image"]
     assert "resampled" in caplog.text and str(folder) in caplog.text
     median = float(np.median(np.diff(positions)))
