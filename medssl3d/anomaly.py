@@ -1,4 +1,6 @@
-"""Anomaly heatmaps of a trained AFiRe model, written as NIfTI on the input volume's own grid (methods.md §2).
+"""Anomaly heatmaps of a trained AFiRe model, written as NIfTI on the input volume's own grid.
+
+See ``docs/methods.md`` (section "AFiRe-3D").
 
 The volume goes through the data preset (orientation, spacing, intensity scaling, foreground crop)
 and AFiRe's alignment (foreground crop, resize to the model's grid), exactly as in pretraining.
@@ -143,6 +145,7 @@ def write_anomaly_maps(
                 else foreground_threshold,
                 margin=margin,
                 template=template,
+                extent_tolerance=None,
             ),
         ]
     )

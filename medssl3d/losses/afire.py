@@ -1,4 +1,6 @@
-"""AFiRe's loss terms (methods.md §2): categorical and structural consistency on normal tokens, restoration.
+"""AFiRe's loss terms: categorical and structural consistency on normal tokens, restoration.
+
+See ``docs/methods.md`` (section "AFiRe-3D").
 
 The two consistency terms average over *normal* tokens only (those whose patch holds no synthetic
 lesion): a lesioned token's features carry no weight and receive no gradient.
@@ -74,7 +76,7 @@ class StructuralLoss(nn.Module):
 
         Args:
             q: ``(B, N, d)`` student features, L2-normalised.
-            centres: ``(N, d)`` per-position mean teacher features, L2-normalised.
+            centres: ``(N, d)`` per-position centres (EMA of the mean teacher features), L2-normalised.
             normal: ``(B, N)`` bool, tokens that count (as anchors; every position is a candidate).
 
         Returns:

@@ -1,12 +1,17 @@
-"""AFiRe-3D: token-wise anatomy-guided contrast + anomaly-removal restoration (methods.md §2).
+"""AFiRe-3D: token-wise anatomy-guided contrast + anomaly-removal restoration.
+
+See ``docs/methods.md`` (section "AFiRe-3D").
 
 On spatially aligned volumes a ViT student sees the volume with synthetic lesions ``x~`` and an
 EMA teacher sees the clean volume ``x``. A spatial-aware head scores every token against its
 position's prototypes; per-position prototype means ``C`` (EMA of the teacher's scores) are
 balanced by Sinkhorn-Knopp into targets for the categorical term, and an InfoNCE over positions
-against the teacher's per-position mean features gives the structural term. Both ignore tokens
-hit by a lesion. A decoder, in which lesioned tokens are replaced by learned per-position mask
-tokens, restores the clean volume (MSE). Total: ``L_cate + L_stru + L_rec`` (weights 1).
+against the per-position centres (EMA of the teacher's mean features) gives the structural term.
+Both ignore tokens hit by a lesion. A decoder, in which lesioned tokens are replaced by learned
+per-position mask tokens, restores the clean volume (MSE). Total: ``L_cate + L_stru + L_rec`` (weights 1).
+
+Volumes are (B, C, D, H, W); after the preset's ``Orientationd("RAS")`` D, H, W run left->right,
+posterior->anterior and inferior->superior. Tokens are in raster order over the patch grid, last axis fastest.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from medssl3d.networks.spatial_head import BOTTLENECK_DIM, HIDDEN_DIM, N_LAYERS,
 from medssl3d.transforms.alignment import (
     CROP_MARGIN,
     DEFAULT_SIZE,
+    EXTENT_TOLERANCE,
     FOREGROUND_THRESHOLD,
     alignment_transforms,
     check_no_spatial_augmentation,
@@ -62,6 +68,7 @@ __all__ = [
     "Afire",
     "AfireConfig",
     "AfireStudent",
+    "StepEMA",
     "afire_transforms",
     "build_afire",
     "config_from_checkpoint",
@@ -69,6 +76,7 @@ __all__ = [
 ]
 
 PROTOTYPE_MOMENTUM = 0.75
+CENTRE_MOMENTUM = 0.9
 EXTRA_STATE_CONFIG = "config"
 EXTRA_STATE_KEY = "_extra_state"
 """Where ``nn.Module.state_dict`` puts a top-level module's ``get_extra_state()``."""
@@ -76,7 +84,7 @@ EXTRA_STATE_KEY = "_extra_state"
 
 @dataclass(frozen=True)
 class AfireConfig:
-    """Hyper-parameters of :class:`Afire` (defaults: methods.md §2 at ViT-B, 96^3).
+    """Hyper-parameters of :class:`Afire` (defaults: ``docs/methods.md``, section "AFiRe-3D", at ViT-B, 96^3).
 
     Attributes:
         backbone_size: ViTBackbone size, "tiny" / "small" / "base" (hidden 192 / 384 / 768).
@@ -92,7 +100,8 @@ class AfireConfig:
         sinkhorn_iterations: Sinkhorn-Knopp iterations.
         student_temperature: softmax temperature of the categorical term.
         structural_temperature: InfoNCE temperature of the structural term.
-        structural: compute the structural term (False: it is 0).
+        structural: compute the structural term (False: it is 0, the official code's objective).
+        centre_momentum: ``c <- momentum * c + (1 - momentum) * mean_b z^T`` for the structural centres.
         decoder_dim: restoration decoder width.
         decoder_depth: its transformer blocks.
         decoder_heads: its attention heads.
@@ -120,6 +129,7 @@ class AfireConfig:
     student_temperature: float = STUDENT_TEMPERATURE
     structural_temperature: float = STRUCTURAL_TEMPERATURE
     structural: bool = True
+    centre_momentum: float = CENTRE_MOMENTUM
     decoder_dim: int = DECODER_DIM
     decoder_depth: int = DECODER_DEPTH
     decoder_heads: int = DECODER_HEADS
@@ -155,8 +165,9 @@ class AfireConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.prototype_momentum < 1.0:
-            raise ValueError(f"prototype_momentum must be in [0, 1), got {self.prototype_momentum}")
+        for name in ("prototype_momentum", "centre_momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("sinkhorn_epsilon", "student_temperature", "structural_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -166,14 +177,14 @@ class AfireConfig:
 
     @property
     def grid_size(self) -> tuple[int, int, int]:
-        """Token grid (z, y, x)."""
+        """Token grid along the (D, H, W) axes (``img_size / patch_size``)."""
         return tuple(s // self.patch_size for s in self.img_size)
 
     @property
     def num_tokens(self) -> int:
         """Token positions ``N = prod(img_size / patch_size)`` (216 at 96^3)."""
-        gz, gy, gx = self.grid_size
-        return gz * gy * gx
+        g0, g1, g2 = self.grid_size
+        return g0 * g1 * g2
 
 
 def _merge_config(base, overrides: Mapping[str, Any], what: str) -> AfireConfig:
@@ -268,6 +279,45 @@ class AfireStudent(nn.Module):
         return {"scores": scores, "z": z, "reconstruction": self.decoder(tokens, abnormal)}
 
 
+class StepEMA(nn.Module):
+    """An exponential moving average over optimizer steps that pools the micro-batches of a step.
+
+    After micro-batch ``i`` (``StepInfo.micro_batch``) of an optimizer step the value is
+    ``momentum * v + (1 - momentum) * mean(batch means of micro-batches 0..i)``, with ``v`` the value
+    before the step, so gradient accumulation changes neither the momentum per optimizer step nor the
+    weight of a sample. The first step of training sets the value to the pooled mean. Batch means
+    are passed in already all-reduced across ranks.
+
+    Buffers: ``value`` and ``ready`` (checkpointed); the step's start value and running mean (not
+    checkpointed: the engine writes checkpoints between optimizer steps).
+
+    Args:
+        shape: shape of the value, e.g. (N, K).
+        momentum: weight of the previous value, in [0, 1).
+    """
+
+    def __init__(self, shape: Sequence[int], momentum: float) -> None:
+        super().__init__()
+        self.momentum = float(momentum)
+        self.register_buffer("value", torch.zeros(*shape))
+        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("step_start", torch.zeros(*shape), persistent=False)
+        self.register_buffer("step_mean", torch.zeros(*shape), persistent=False)
+        self._keep = self.momentum
+
+    @torch.no_grad()
+    def update(self, batch_mean: Tensor, micro_batch: int) -> None:
+        """Fold in the mean of one micro-batch (``micro_batch`` 0 starts a new optimizer step)."""
+        if micro_batch == 0:
+            self._keep = self.momentum if bool(self.ready) else 0.0
+            self.step_start.copy_(self.value)
+            self.step_mean.copy_(batch_mean)
+            self.ready.fill_(True)
+        else:
+            self.step_mean.add_(batch_mean.to(self.step_mean) - self.step_mean, alpha=1.0 / (micro_batch + 1))
+        self.value.copy_(self._keep * self.step_start + (1.0 - self._keep) * self.step_mean)
+
+
 class Afire(SSLMethod):
     """AFiRe-3D pretraining on aligned volumes.
 
@@ -275,11 +325,14 @@ class Afire(SSLMethod):
     (B, C, *img_size), the lesioned one under ``image_key + lesioned_postfix``, the lesion map under
     ``image_key + map_postfix`` and the (B, N) abnormal-token mask under ``image_key + abnormal_postfix``.
 
-    Buffers (checkpointed with the method): ``prototypes`` (N, K), the EMA of the teacher's
-    per-position scores, and ``prototypes_ready``, False until the first training step sets them.
+    State (checkpointed with the method, moved only in training): ``prototype_ema`` holds ``C`` (N, K),
+    the EMA of the teacher's per-position mean scores, and ``centre_ema`` the structural centres (N, d),
+    the EMA of the teacher's per-position mean features (normalised where used); both are :class:`StepEMA`
+    set by the first training step. As EMAs, not batch means, the centres are population means
+    at any batch size, not the anchor scan's own teacher features at a batch of one.
 
     Args:
-        config: hyper-parameters; the defaults are methods.md §2.
+        config: hyper-parameters; the defaults are ``docs/methods.md`` (section "AFiRe-3D").
     """
 
     name = "afire"
@@ -291,11 +344,21 @@ class Afire(SSLMethod):
         self.backbone_name = f"vit-{cfg.backbone_size}"
         self.student = AfireStudent(cfg)
         self.teacher = make_teacher(nn.ModuleDict({"backbone": self.student.backbone, "head": self.student.head}))
-        self.register_buffer("prototypes", torch.zeros(cfg.num_tokens, cfg.num_prototypes))
-        self.register_buffer("prototypes_ready", torch.zeros((), dtype=torch.bool))
+        self.prototype_ema = StepEMA((cfg.num_tokens, cfg.num_prototypes), cfg.prototype_momentum)
+        self.centre_ema = StepEMA((cfg.num_tokens, cfg.head_bottleneck_dim), cfg.centre_momentum)
         self.categorical_loss = CategoricalLoss(cfg.student_temperature)
         self.structural_loss = StructuralLoss(cfg.structural_temperature)
         self.restoration_loss = RestorationLoss(cfg.lesion_weight)
+
+    @property
+    def prototypes(self) -> Tensor:
+        """``C`` (N, K): the EMA of the teacher's per-position mean scores."""
+        return self.prototype_ema.value
+
+    @property
+    def centres(self) -> Tensor:
+        """The structural centres (N, d): the EMA of the teacher's per-position mean features, unnormalised."""
+        return self.centre_ema.value
 
     def get_extra_state(self) -> dict[str, Any]:
         """The config, saved in the state dict so tools (``medssl3d anomaly-map``) can rebuild the model."""
@@ -309,7 +372,7 @@ class Afire(SSLMethod):
         return [(self.student.backbone, self.teacher["backbone"]), (self.student.head, self.teacher["head"])]
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
-        """The per-position prototype layers (frozen for ``freeze_last_layer_steps``)."""
+        """The per-position prototype layers (the bundle freezes them for the first epoch)."""
         return [self.student.head.weight]
 
     @torch.no_grad()
@@ -317,22 +380,13 @@ class Afire(SSLMethod):
         tokens = self.teacher["backbone"](x).tokens
         return self.teacher["head"](tokens)
 
-    @torch.no_grad()
-    def _update_prototypes(self, teacher_scores: Tensor) -> None:
-        batch_mean = all_reduce_mean(teacher_scores.float().mean(dim=0))
-        if bool(self.prototypes_ready):
-            m = self.config.prototype_momentum
-            self.prototypes.mul_(m).add_(batch_mean, alpha=1.0 - m)
-        else:
-            self.prototypes.copy_(batch_mean)
-            self.prototypes_ready.fill_(True)
-
     def forward(self, batch: dict[str, Any], step: StepInfo) -> dict[str, Any]:
         """Compute ``L_cate + L_stru + L_rec`` (weighted).
 
         Args:
             batch: see the class docstring.
-            step: unused (no schedule in this method besides the engine's EMA momentum).
+            step: ``micro_batch`` pools the micro-batches of one optimizer step into the prototype and
+                centre EMAs (no schedule besides the engine's EMA momentum).
 
         Returns:
             ``{"loss": scalar, "parts": {"cate", "stru", "rec", "abnormal_fraction"}}`` (parts detached, unweighted).
@@ -355,9 +409,11 @@ class Afire(SSLMethod):
         teacher_scores, teacher_z = self._teacher(clean)
         with torch.no_grad():
             if self.training:
-                self._update_prototypes(teacher_scores)
+                self.prototype_ema.update(all_reduce_mean(teacher_scores.float().mean(dim=0)), step.micro_batch)
+                if cfg.structural:
+                    self.centre_ema.update(all_reduce_mean(teacher_z.float().mean(dim=0)), step.micro_batch)
             targets = sinkhorn_knopp(self.prototypes, cfg.sinkhorn_epsilon, cfg.sinkhorn_iterations)
-            centres = F.normalize(all_reduce_mean(teacher_z.float().mean(dim=0)), dim=-1)
+            centres = F.normalize(self.centres, dim=-1)
 
         out = self.run_student(lesioned, abnormal)
         cate = self.categorical_loss(out["scores"], targets, normal)
@@ -389,7 +445,7 @@ class Afire(SSLMethod):
         Raises:
             RuntimeError: the prototypes were never set (an untrained model).
         """
-        if not bool(self.prototypes_ready):
+        if not bool(self.prototype_ema.ready):
             raise RuntimeError("afire prototypes are not set: anomaly maps need a trained model")
         restoration = self.student(x)["reconstruction"]
         teacher_scores, _ = self._teacher(x)
@@ -414,6 +470,7 @@ def afire_transforms(
     margin: int = CROP_MARGIN,
     template: str | os.PathLike | None = None,
     registration_cache_dir: str | os.PathLike | None = None,
+    extent_tolerance: float | None = EXTENT_TOLERANCE,
     polarity: str = "hyperdense",
     num_lesions: tuple[int, int] = (MIN_LESIONS, MAX_LESIONS),
     extent_fraction: tuple[float, float] = EXTENT_FRACTION,
@@ -433,6 +490,8 @@ def afire_transforms(
         margin: voxels kept around the foreground box.
         template: register to this template volume first (None: no registration).
         registration_cache_dir: on-disk cache of the registration transforms (each case registered once).
+        extent_tolerance: without a template, warn about cases whose foreground box departs from the median
+            box by more than this fraction on any axis (None: never); see ``ForegroundExtentCheckd``.
         polarity: "hyperdense" (lesions add) or "hypodense" (they subtract).
         num_lesions: inclusive (min, max) lesion count.
         extent_fraction: range of a lesion's extent per axis as a fraction of the side.
@@ -456,6 +515,7 @@ def afire_transforms(
                 margin=margin,
                 template=template,
                 registration_cache_dir=registration_cache_dir,
+                extent_tolerance=extent_tolerance,
             ),
             RandSyntheticLesiond(
                 image_key,

@@ -2,7 +2,7 @@
 
 ``linear (hidden -> dim)`` -> replace every abnormal token by its position's learned mask token ->
 add a fixed 3D sin-cos position embedding -> ``depth`` transformer blocks -> LayerNorm ->
-``linear (dim -> C * p^3)`` -> unpatchify to the volume (methods.md §2).
+``linear (dim -> C * p^3)`` -> unpatchify to the volume (``docs/methods.md``, section "AFiRe-3D").
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ SINCOS_PARTS = 6
 
 
 def sincos_embedding_3d(grid_size: Sequence[int], dim: int) -> Tensor:
-    """Fixed 3D sin-cos position embedding ``(1, N, dim)`` over a (z, y, x) raster grid.
+    """Fixed 3D sin-cos position embedding ``(1, N, dim)`` over a raster grid (last axis fastest).
 
     MONAI's builder needs a width divisible by 6; the remaining ``dim % 6`` channels are zero.
     """
@@ -43,7 +43,7 @@ class MaskTokenDecoder(nn.Module):
 
     Args:
         in_dim: encoder token width.
-        grid_size: token grid (z, y, x) = img_size / patch_size.
+        grid_size: token grid along the (D, H, W) axes, ``img_size / patch_size``.
         patch_size: voxels per patch side.
         out_channels: channels of the restored volume.
         dim: decoder width.
@@ -90,11 +90,11 @@ class MaskTokenDecoder(nn.Module):
         """Decode tokens to a volume.
 
         Args:
-            tokens: ``(B, N, in_dim)`` in (z, y, x) raster order.
+            tokens: ``(B, N, in_dim)`` in raster order over the patch grid, last axis fastest.
             abnormal: ``(B, N)`` bool, tokens to replace by mask tokens (None: none).
 
         Returns:
-            ``(B, out_channels, g_z * p, g_y * p, g_x * p)``.
+            ``(B, out_channels, g_0 * p, g_1 * p, g_2 * p)`` with ``(g_0, g_1, g_2) = grid_size``.
         """
         x = self.embed(tokens)
         if abnormal is not None:
@@ -103,16 +103,16 @@ class MaskTokenDecoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.to_voxels(self.norm(x))
-        gz, gy, gx = self.grid_size
+        g0, g1, g2 = self.grid_size
         p = self.patch_size
         return rearrange(
             x,
-            "b (gz gy gx) (c pz py px) -> b c (gz pz) (gy py) (gx px)",
-            gz=gz,
-            gy=gy,
-            gx=gx,
+            "b (g0 g1 g2) (c p0 p1 p2) -> b c (g0 p0) (g1 p1) (g2 p2)",
+            g0=g0,
+            g1=g1,
+            g2=g2,
             c=self.out_channels,
-            pz=p,
-            py=p,
-            px=p,
+            p0=p,
+            p1=p,
+            p2=p,
         )

@@ -1,9 +1,10 @@
 """AFiRe's spatial-aware head: a shared MLP, then one weight-normalised prototype layer per token position.
 
 Tokens of aligned scans at position ``j`` show the same anatomy, so each position gets its own
-``K`` prototypes (methods.md §2). The ``N`` per-position layers are one parameter ``(N, K, d)``
-applied as a single batched einsum over positions; their rows are L2-normalised in the forward
-pass (weight normalisation with the norm fixed at 1), so the outputs are cosine scores.
+``K`` prototypes (``docs/methods.md``, section "AFiRe-3D"). The ``N`` per-position layers are one
+parameter ``(N, K, d)`` applied as a single batched einsum over positions; their rows are
+L2-normalised in the forward pass (weight normalisation with the norm fixed at 1), so the outputs
+are cosine scores.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class SpatialAwareHead(nn.Module):
         """Map tokens to per-position prototype scores.
 
         Args:
-            tokens: ``(B, N, C)`` with ``N == num_positions`` in (z, y, x) raster order.
+            tokens: ``(B, N, C)`` with ``N == num_positions`` in raster order over the patch grid, last axis fastest.
 
         Returns:
             ``(scores (B, N, K), z (B, N, d))``: cosine scores and the normalised bottleneck feature.
