@@ -1,4 +1,4 @@
-"""DINO distillation cross-entropy with a centred, sharpened teacher (methods.md §0)."""
+"""DINO distillation cross-entropy with a centred, sharpened teacher (``docs/methods.md``, shared pieces)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class DINOLoss(nn.Module):
     ``(B, N, K)`` tokens both work. In training mode the centre ``c`` (a buffer, so it is checkpointed)
     moves after each call: ``c ← m·c + (1 − m)·mean(t)`` over all rows of all teacher views, averaged
     across processes with :func:`medssl3d.engine.distributed.all_reduce_mean` (a no-op in one process).
+    Softmaxes run in float32 whatever the logits' dtype (a sharp ``τt`` magnifies bf16 rounding).
 
     Args:
         out_dim: prototypes ``K``.
@@ -86,9 +87,9 @@ class DINOLoss(nn.Module):
         pairs = [(i, j) for i in range(len(teacher)) for j in range(len(student)) if not (self.cross_views and i == j)]
         if not pairs:
             raise ValueError(f"no view pairs: {len(teacher)} teacher and {len(student)} student view(s)")
-        teacher = [t.detach() for t in teacher]
+        teacher = [t.detach().float() for t in teacher]
         targets = [F.softmax((t - self.center) / teacher_temp, dim=-1) for t in teacher]
-        log_probs = [F.log_softmax(s / self.student_temp, dim=-1) for s in student]
+        log_probs = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student]
         total = sum(-(targets[i] * log_probs[j]).sum(dim=-1).mean() for i, j in pairs)
         if self.training:
             self.update_center(teacher)

@@ -1,4 +1,4 @@
-"""Alice: anatomical invariance modelling and semantic alignment, in 3D (methods.md §1).
+"""Alice: anatomical invariance modelling and semantic alignment, in 3D (``docs/methods.md``, section "Alice").
 
 Jiang et al., "Anatomical Invariance Modeling and Semantic Alignment for Self-supervised Learning in
 3D Medical Image Analysis", ICCV 2023. Two *different* volumes are cropped around corresponding
@@ -9,10 +9,13 @@ SwinUNETR encoder-decoder, sees the masked crops; its EMA teacher sees the clean
   the student's of the other;
 - L2 (intra-volume, CASA): the student's encoder tokens attend to its own decoder tokens (``S_v``) and,
   through CASA' under no gradient, to the teacher's tokens (``T_v``); DINO cross-entropy per token;
-- L3: MSE reconstruction of the masked voxels.
+- L3: MSE reconstruction of the masked voxels (or of all voxels).
 
 CASA variants: ``paper`` (default) - ``T_v`` attends to the teacher *encoder* tokens with an EMA copy of
-CASA; ``code`` (the original code) - the same CASA weights and the teacher *decoder* tokens.
+CASA; ``code`` (the official code) - the same CASA weights and the teacher *decoder* tokens. Where CASA
+sits (``casa_input``): ``tokens`` (default) - on the projected tokens, its output then goes through the
+DINO head; ``logits`` (the official code) - on the head's prototype logits, its output used directly as
+logits.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from medssl3d.transforms.paired_crops import (
 )
 
 __all__ = [
+    "CASA_INPUTS",
     "CASA_VARIANTS",
     "Alice",
     "AliceConfig",
@@ -54,9 +58,11 @@ __all__ = [
     "alice_transforms",
     "build_alice",
     "config_from_yaml",
+    "prototype_logits",
 ]
 
 CASA_VARIANTS = ("paper", "code")
+CASA_INPUTS = ("tokens", "logits")
 NUM_VIEWS = 2
 OUT_DIM = 512
 """Prototypes K of the cls and patch last layers."""
@@ -83,7 +89,7 @@ VIEW_FIELDS = (
 
 @dataclass(frozen=True)
 class AliceConfig:
-    """Every number of methods.md §1 (defaults: the paper's, Swin ``base``, 96³ crops).
+    """Every number of ``docs/methods.md``, section "Alice" (defaults: the paper's, Swin ``base``, 96³ crops).
 
     Attributes:
         backbone_size: SwinBackbone size, "tiny" / "small" / "base".
@@ -95,6 +101,9 @@ class AliceConfig:
         head_layers: linear layers of the MLP.
         out_dim: prototypes K (cls and patch last layers).
         casa_variant: "paper" (teacher encoder tokens, EMA CASA') or "code" (teacher decoder tokens, shared CASA).
+        casa_input: "tokens" (CASA on the projected tokens, width ``proj_dim``, output through the DINO head)
+            or "logits" (the official code: CASA on the head's patch logits, width ``out_dim``, output used
+            directly as logits).
         casa_heads: attention heads of CASA.
         casa_ffn_dim: CASA feed-forward width.
         casa_dropout: CASA dropout.
@@ -107,7 +116,8 @@ class AliceConfig:
         teacher_temp_final: τt after the warm-up.
         teacher_temp_warmup_epochs: epochs of the linear τt warm-up.
         center_momentum: momentum of the teacher centres.
-        roi_size: crop side in voxels.
+        roi_size: crop side in voxels along the array axes (after RAS: left→right, posterior→anterior,
+            inferior→superior).
         correspondence: provider name: "same_volume", "body_box", "registration" or "feature".
         match_threshold: a pair is accepted at this score.
         max_tries: points drawn before the best pair is used.
@@ -115,7 +125,7 @@ class AliceConfig:
         mask_ratio: fraction of masked blocks.
         mask_block_size: block side in voxels.
         mask_mode: "block" (3D blocks) or "column" (whole columns, the original code).
-        mask_column_axis: axis of the columns.
+        mask_column_axis: array axis of the columns (2: inferior→superior after RAS, as the official z columns).
         view_keys: batch keys of the Q and K crops.
         masked_postfix: suffix of the masked crops (student inputs).
         mask_postfix: suffix of the voxel masks.
@@ -130,6 +140,7 @@ class AliceConfig:
     head_layers: int = DINO_N_LAYERS
     out_dim: int = OUT_DIM
     casa_variant: str = "paper"
+    casa_input: str = "tokens"
     casa_heads: int = DEFAULT_HEADS
     casa_ffn_dim: int = DEFAULT_FFN_DIM
     casa_dropout: float = DEFAULT_DROPOUT
@@ -161,6 +172,8 @@ class AliceConfig:
         object.__setattr__(self, "view_keys", tuple(self.view_keys))
         if self.casa_variant not in CASA_VARIANTS:
             raise ValueError(f"casa_variant must be one of {CASA_VARIANTS}, got {self.casa_variant!r}")
+        if self.casa_input not in CASA_INPUTS:
+            raise ValueError(f"casa_input must be one of {CASA_INPUTS}, got {self.casa_input!r}")
         if self.correspondence not in PROVIDER_NAMES:
             raise ValueError(f"correspondence must be one of {PROVIDER_NAMES}, got {self.correspondence!r}")
         if len(self.view_keys) != NUM_VIEWS or len(set(self.view_keys)) != NUM_VIEWS:
@@ -196,6 +209,24 @@ def _tokens(fmap: Tensor) -> Tensor:
     return fmap.flatten(2).transpose(1, 2)
 
 
+def prototype_logits(mlp: nn.Module, prototypes: Tensor, x: Tensor) -> Tensor:
+    """DINO head scores ``normalize(mlp(x)) · normalize(prototypes)ᵀ``: ``(..., C) -> (..., K)``.
+
+    The MLP runs in the ambient (autocast) precision; the L2 normalisations and the cosines to the
+    prototypes run in float32 with autocast off. In bf16 a cosine has a resolution of about 0.004,
+    half a logit at the official teacher temperature 0.008.
+
+    Args:
+        mlp: the head's MLP ``C -> bottleneck``.
+        prototypes: the last layer's weight ``(K, bottleneck)`` (rows normalised here).
+        x: features ``(..., C)``.
+    """
+    z = mlp(x)
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = F.normalize(z.float(), dim=-1, eps=L2_EPS)
+        return F.linear(z, F.normalize(prototypes.float(), dim=1))
+
+
 class AliceStudent(nn.Module):
     """SwinUNETR encoder-decoder with reconstruction, token projections, DINO head and CASA.
 
@@ -205,6 +236,7 @@ class AliceStudent(nn.Module):
 
     def __init__(self, config: AliceConfig) -> None:
         super().__init__()
+        self.casa_on_logits = config.casa_input == "logits"
         self.backbone = SwinBackbone(
             size=config.backbone_size, in_channels=config.in_channels, with_decoder=True,
             use_checkpoint=config.use_checkpoint,
@@ -219,12 +251,16 @@ class AliceStudent(nn.Module):
             bottleneck_dim=config.head_bottleneck_dim, n_layers=config.head_layers,
         )
         self.patch_last_layer = nn.Linear(config.head_bottleneck_dim, config.out_dim, bias=False)
-        self.casa = CASA(config.proj_dim, config.casa_heads, config.casa_ffn_dim, config.casa_dropout)
+        casa_dim = config.out_dim if self.casa_on_logits else config.proj_dim
+        self.casa = CASA(casa_dim, config.casa_heads, config.casa_ffn_dim, config.casa_dropout)
+
+    def cls_logits(self, features: Tensor) -> Tensor:
+        """The shared MLP, then the cls prototypes: ``(B, C) -> (B, K)``."""
+        return prototype_logits(self.head.mlp, self.head.last_layer.weight, features)
 
     def patch_logits(self, tokens: Tensor) -> Tensor:
         """The shared MLP, then the patch prototypes: ``(B, N, C) -> (B, N, K)``."""
-        z = F.normalize(self.head.mlp(tokens), dim=-1, eps=L2_EPS)
-        return F.linear(z, F.normalize(self.patch_last_layer.weight, dim=1))
+        return prototype_logits(self.head.mlp, self.patch_last_layer.weight, tokens)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Run the student on masked crops.
@@ -233,20 +269,21 @@ class AliceStudent(nn.Module):
             x: ``(B, C, D, H, W)``, sides divisible by 32.
 
         Returns:
-            ``cls`` logits ``(B, K)``; ``patch`` logits of ``S = CASA(enc, dec)`` ``(B, N, K)``; ``query``:
-            the projected encoder tokens ``(B, N, proj_dim)`` (CASA' queries); ``recon`` ``(B, C, D, H, W)``.
+            ``cls`` logits ``(B, K)``; ``patch``: the logits of ``S = CASA(enc, dec)`` ``(B, N, K)`` (N bottleneck
+            tokens); ``query``: CASA's query, shared with CASA' (the projected encoder tokens ``(B, N, proj_dim)``,
+            or their patch logits ``(B, N, K)`` when CASA runs on logits); ``recon`` ``(B, C, D, H, W)``.
         """
         out = self.backbone(x)
         stages = self.backbone.decode_stages(x, out)
         first, last = stages[0], stages[-1]
         enc = self.enc_proj(out.tokens)
         dec = self.dec_proj(_tokens(first))
-        return {
-            "cls": self.head(enc.mean(dim=1)),
-            "patch": self.patch_logits(self.casa(enc, dec)),
-            "query": enc,
-            "recon": self.recon(last),
-        }
+        if self.casa_on_logits:
+            query = self.patch_logits(enc)
+            patch = self.casa(query, self.patch_logits(dec))
+        else:
+            query, patch = enc, self.patch_logits(self.casa(enc, dec))
+        return {"cls": self.cls_logits(enc.mean(dim=1)), "patch": patch, "query": query, "recon": self.recon(last)}
 
 
 class Alice(SSLMethod):
@@ -286,7 +323,7 @@ class Alice(SSLMethod):
         return [(getattr(self.student, name), module) for name, module in self.teacher.items()]
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
-        """The cls and patch prototypes (frozen during the engine's ``freeze_last_layer_steps``)."""
+        """The cls and patch prototypes (frozen during the engine's last-layer freeze, one epoch in the bundle)."""
         return [self.student.head.last_layer.weight, self.student.patch_last_layer.weight]
 
     def teacher_temperature(self, step: StepInfo) -> float:
@@ -296,6 +333,11 @@ class Alice(SSLMethod):
 
     @torch.no_grad()
     def _teacher(self, x: Tensor, query: Tensor) -> dict[str, Tensor]:
+        """Teacher ``cls`` logits ``(B, K)`` and ``T = CASA'(query, teacher context)`` logits ``(B, N, K)``.
+
+        The teacher head has one last layer (its cls prototypes) for both, as the official code's
+        ``shared_head_teacher``.
+        """
         t = self.teacher
         out = t["backbone"](x)
         enc = t["enc_proj"](out.tokens)
@@ -304,7 +346,12 @@ class Alice(SSLMethod):
         else:
             (first,) = t["backbone"].decode_stages(x, out, num_stages=1)
             context, casa = t["dec_proj"](_tokens(first)), self.student.casa
-        return {"cls": t["head"](enc.mean(dim=1)), "patch": t["head"](casa(query, context))}
+        head = t["head"]
+        if self.student.casa_on_logits:
+            patch = casa(query, prototype_logits(head.mlp, head.last_layer.weight, context))
+        else:
+            patch = prototype_logits(head.mlp, head.last_layer.weight, casa(query, context))
+        return {"cls": prototype_logits(head.mlp, head.last_layer.weight, enc.mean(dim=1)), "patch": patch}
 
     def forward(self, batch: dict[str, Any], step: StepInfo) -> dict[str, Any]:
         """Compute ``λ1·L1 + λ2·L2 + λ3·L3``.

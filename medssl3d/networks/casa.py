@@ -1,9 +1,14 @@
-"""CASA: conditional anatomical feature alignment, one cross-attention block (methods.md §1).
+"""CASA: conditional anatomical feature alignment, one cross-attention block (``docs/methods.md``, section "Alice").
 
 Jiang et al., "Anatomical Invariance Modeling and Semantic Alignment for Self-supervised Learning
 in 3D Medical Image Analysis" (Alice), ICCV 2023. Query tokens attend to a context token set
 (scaled dot-product attention, 8 heads, dropout 0.1), then residual + LayerNorm, a feed-forward
 512 -> 2048 -> 512, residual + LayerNorm (post-norm, as the transformer decoder layer it follows).
+
+Block internals that differ from the official ``CASA_Module``: ``nn.MultiheadAttention`` has biases
+on its q/k/v/output projections (the official ones have none), the feed-forward uses GELU (official:
+ReLU) with dropout after its first linear layer (official: after the second), and LayerNorm uses
+eps 1e-5 (official: 1e-6). None changes what the block can express.
 """
 
 from __future__ import annotations
