@@ -1,7 +1,10 @@
 """Random 90-degree rotation in one plane whose class (0/90/180/270 degrees) is the pretext label.
 
 This is the rotation pretext task of Swin UNETR self-supervised pretraining (Tang et al., CVPR 2022):
-a view is rotated by ``k * 90`` degrees in the axial plane and the network predicts ``k``.
+a view is rotated by ``k * 90`` degrees in one plane and the network predicts ``k``. After
+``Orientationd("RAS")`` the spatial axes of a (C, R, A, S) sample run left→right, posterior→anterior and
+inferior→superior; the default plane, spatial axes (1, 2), is spanned by A and S: the sagittal plane.
+It is the plane of the original ``rot_rand`` (dims (2, 3) of a (C, R, A, S) sample).
 """
 
 from __future__ import annotations
@@ -14,24 +17,24 @@ from monai.data.meta_obj import get_track_meta
 from monai.transforms import MapTransform, RandomizableTransform, Rotate90
 from monai.utils import convert_to_tensor
 
-__all__ = ["DEFAULT_NUM_CLASSES", "AXIAL_AXES", "RandRotate90Class", "RandRotate90Classd", "rotate90"]
+__all__ = ["DEFAULT_NUM_CLASSES", "SAGITTAL_AXES", "RandRotate90Class", "RandRotate90Classd", "rotate90"]
 
 DEFAULT_NUM_CLASSES = 4
-# Spatial axes (z, y, x) = (0, 1, 2); the axial plane is the (y, x) plane. These are dims (2, 3) of a
-# (C, D, H, W) sample, the dims the original code (``rot_rand``) turns.
-AXIAL_AXES = (1, 2)
+# Spatial axes (R, A, S) = (0, 1, 2) after RAS orientation: (1, 2) spans the sagittal (A-S) plane. These
+# are dims (2, 3) of a (C, R, A, S) sample, the dims the original code (``rot_rand``) turns.
+SAGITTAL_AXES = (1, 2)
 MAX_CLASSES = 4
 
 
-def rotate90(img: torch.Tensor, k: int, spatial_axes: Sequence[int] = AXIAL_AXES) -> torch.Tensor:
+def rotate90(img: torch.Tensor, k: int, spatial_axes: Sequence[int] = SAGITTAL_AXES) -> torch.Tensor:
     """Rotate a channel-first volume by ``k * 90`` degrees in the plane of two spatial axes.
 
     MONAI's ``Rotate90`` does the work so that a ``MetaTensor`` keeps a consistent affine.
 
     Args:
-        img: channel-first volume (C, D, H, W) (any number of spatial dims).
+        img: channel-first volume (C, R, A, S) (any number of spatial dims).
         k: number of quarter turns; negative turns the other way (``rotate90(rotate90(x, k), -k) == x``).
-        spatial_axes: the two spatial axes (channel excluded) spanning the plane; default (y, x).
+        spatial_axes: the two spatial axes (channel excluded) spanning the plane; default (A, S), sagittal.
 
     Returns:
         The rotated volume (C, ...); the two plane axes swap lengths for odd ``k``.
@@ -57,7 +60,7 @@ class RandRotate90Class(RandomizableTransform):
 
     Args:
         num_classes: number of rotation classes (1..4); 4 gives 0/90/180/270 degrees.
-        spatial_axes: the two spatial axes spanning the rotation plane; default the axial (y, x) plane.
+        spatial_axes: the two spatial axes spanning the rotation plane; default (A, S), the sagittal plane.
 
     Raises:
         ValueError: ``num_classes`` outside 1..4 or ``spatial_axes`` not two different axes.
@@ -66,7 +69,7 @@ class RandRotate90Class(RandomizableTransform):
     backend = Rotate90.backend
 
     def __init__(
-        self, num_classes: int = DEFAULT_NUM_CLASSES, spatial_axes: Sequence[int] = AXIAL_AXES
+        self, num_classes: int = DEFAULT_NUM_CLASSES, spatial_axes: Sequence[int] = SAGITTAL_AXES
     ) -> None:
         RandomizableTransform.__init__(self, prob=1.0)
         self.spatial_axes = _check_args(num_classes, spatial_axes)
@@ -84,7 +87,7 @@ class RandRotate90Class(RandomizableTransform):
         self._k = int(self.R.randint(self.num_classes))
 
     def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
-        """Rotate ``img`` (C, D, H, W) by the drawn class; read the class from :attr:`label`."""
+        """Rotate ``img`` (C, R, A, S) by the drawn class; read the class from :attr:`label`."""
         if randomize:
             self.randomize()
         img = convert_to_tensor(img, track_meta=get_track_meta())
@@ -97,10 +100,10 @@ class RandRotate90Classd(RandomizableTransform, MapTransform):
     Use one instance per view so that the views get independent rotations.
 
     Args:
-        keys: keys of the channel-first volumes (C, D, H, W) to rotate together.
+        keys: keys of the channel-first volumes (C, R, A, S) to rotate together.
         label_key: key receiving the class as a 0-d ``torch.long`` tensor (collates to (B,)).
         num_classes: number of rotation classes (1..4).
-        spatial_axes: the two spatial axes spanning the rotation plane; default (y, x).
+        spatial_axes: the two spatial axes spanning the rotation plane; default (A, S), sagittal.
         allow_missing_keys: don't raise if a key is missing.
     """
 
@@ -111,7 +114,7 @@ class RandRotate90Classd(RandomizableTransform, MapTransform):
         keys: KeysCollection,
         label_key: str = "rot_label",
         num_classes: int = DEFAULT_NUM_CLASSES,
-        spatial_axes: Sequence[int] = AXIAL_AXES,
+        spatial_axes: Sequence[int] = SAGITTAL_AXES,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)

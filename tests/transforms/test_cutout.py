@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from medssl3d.transforms.cutout import RandCutout, RandCutoutd
+from medssl3d.transforms.cutout import CutoutBoxes, RandBatchPaste, RandCutout, RandCutoutd
 
 
 def _image(shape=(1, 32, 32, 32)):
@@ -92,3 +92,71 @@ def test_bad_arguments_raise(kwargs):
 def test_box_larger_than_cap_raises():
     with pytest.raises(ValueError, match="max_block"):
         RandCutout(max_fraction=0.01, max_block=0.5)(_image((1, 8, 8, 8)))
+
+
+def _boxes_by_hand(seed, shape, max_fraction=0.3, min_block=0.05, max_block=0.25, n=128):
+    """CutoutBoxes' draws, then the shortest prefix reaching the target, less a box that passes the cap."""
+    rng = np.random.RandomState(seed)
+    target = rng.uniform(0.0, max_fraction)
+    sizes = np.asarray(shape)
+    sides = np.clip(np.floor(rng.uniform(min_block, max_block, size=(n, 3)) * sizes), 1, sizes).astype(int)
+    starts = np.floor(rng.uniform(size=sides.shape) * (sizes - sides + 1)).astype(int)
+    boxes = np.stack([starts, starts + sides], axis=-1)
+    coverage = [_union_of_boxes(boxes[:k], shape).mean() for k in range(1, n + 1)]
+    k_target = next((k for k, c in enumerate(coverage, 1) if c >= target), n)
+    k_cap = sum(c <= max_fraction for c in coverage)
+    k = min(k_target, k_cap)
+    return boxes[:k], _union_of_boxes(boxes[:k], shape), target
+
+
+def test_boxes_are_the_shortest_prefix_reaching_the_target_within_the_cap():
+    shape = (16, 20, 12)
+    for seed in range(6):
+        boxes, mask, fraction = CutoutBoxes().draw(np.random.RandomState(seed), shape)
+        want_boxes, want_mask, target = _boxes_by_hand(seed, shape)
+        np.testing.assert_array_equal(boxes, want_boxes)
+        np.testing.assert_array_equal(mask, want_mask)
+        assert fraction == pytest.approx(want_mask.mean()) and fraction <= 0.3
+
+
+def _batch(b=4, shape=(1, 16, 16, 16)):
+    # Sample i is the constant i + 1: any pasted voxel shows which sample it came from.
+    return torch.arange(1, b + 1, dtype=torch.float32).view(b, 1, 1, 1, 1).expand(b, *shape).clone()
+
+
+def test_batch_paste_copies_boxes_of_the_drawn_partner():
+    img = _batch()
+    source = 10 * img  # partner j shows as 10 (j + 1)
+    t = RandBatchPaste()
+    t.set_random_state(seed=0)
+    partners = []
+    for _ in range(20):
+        out = t(img, source)
+        for i, j in enumerate(t.partners.tolist()):
+            mask = torch.from_numpy(t.masks[i])
+            if j == i:
+                assert not mask.any() and t.fractions[i] == 0
+            else:
+                assert 0 < t.fractions[i] <= 0.3 and mask.float().mean().item() == pytest.approx(t.fractions[i])
+            # Inside the mask: the partner's source voxels; outside: the sample itself.
+            assert torch.all(out[i][:, mask] == 10 * (j + 1)) and torch.all(out[i][:, ~mask] == i + 1)
+            partners.append((i, j))
+    assert torch.equal(img, _batch())  # the input is not modified
+    # Partners are uniform over the batch, the sample itself included (then nothing is pasted).
+    counts = np.bincount([j for _, j in partners], minlength=4)
+    assert counts.min() > 8 and sum(i == j for i, j in partners) < 40
+
+
+def test_batch_paste_of_one_sample_changes_nothing_and_repeats_with_a_seed():
+    t = RandBatchPaste()
+    t.set_random_state(seed=1)
+    torch.testing.assert_close(t(_batch(1), 2 * _batch(1)), _batch(1), rtol=0, atol=0)
+    a, b = RandBatchPaste(), RandBatchPaste()
+    a.set_random_state(seed=3)
+    b.set_random_state(seed=3)
+    torch.testing.assert_close(a(_batch(), 10 * _batch()), b(_batch(), 10 * _batch()), rtol=0, atol=0)
+
+
+def test_batch_paste_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="source"):
+        RandBatchPaste()(_batch(2), _batch(3))

@@ -23,7 +23,8 @@ def test_rotating_back_by_the_drawn_class_gives_the_original():
         k = t.label
         seen.add(k)
         torch.testing.assert_close(rotate90(out, -k), img, rtol=0, atol=0)
-        # The class is exactly the number of quarter turns in the (y, x) plane.
+        # The class is exactly the number of quarter turns in the A-S (sagittal) plane: tensor dims (2, 3)
+        # of a (C, R, A, S) sample, as the original rot_rand.
         torch.testing.assert_close(out, torch.rot90(img, k, dims=(2, 3)), rtol=0, atol=0)
     assert seen == {0, 1, 2, 3}
 
@@ -39,6 +40,18 @@ def test_dict_twin_rotates_all_keys_together_and_stores_the_label():
         torch.testing.assert_close(d["a"], torch.rot90(img, k, dims=(2, 3)), rtol=0, atol=0)
         torch.testing.assert_close(d["b"], 2 * d["a"], rtol=0, atol=0)
         assert d["other"] is img
+
+
+def test_default_plane_is_sagittal_and_keeps_the_left_right_axis():
+    # A box with extents (10, 10, 4) along (R, A, S): odd classes swap the A and S extents, R stays.
+    img = torch.zeros(1, 12, 12, 12)
+    img[0, 1:11, 1:11, 4:8] = 1
+    t = RandRotate90Class()
+    t.set_random_state(seed=3)
+    for _ in range(12):
+        out = t(img)
+        extents = [int(out[0].any(dim=tuple(d for d in range(3) if d != a)).sum()) for a in range(3)]
+        assert extents == ([10, 4, 10] if t.label % 2 else [10, 10, 4])
 
 
 def test_labels_are_roughly_uniform():
