@@ -99,6 +99,8 @@ class Pretrainer:
         device: training device (default: ``cuda:LOCAL_RANK`` when CUDA is available, else CPU).
         handlers: objects with ``attach(trainer)`` (e.g. :class:`~medssl3d.engine.probe.SegmentationProbe`),
             attached in order; ``None`` entries (disabled bundle components) are skipped.
+        run_info: plain-typed facts about the run that outlive it (the encoder's description:
+            :func:`medssl3d.transfer.encoder_info.encoder_run_info`), kept in every checkpoint.
         **overrides: any other :class:`TrainConfig` field.
 
     Raises:
@@ -116,6 +118,7 @@ class Pretrainer:
         max_steps: int | None = None,
         device: str | torch.device | None = None,
         handlers: Sequence[Handler | None] | None = None,
+        run_info: Mapping[str, Any] | None = None,
         **overrides: Any,
     ):
         if max_epochs is not None:
@@ -143,6 +146,7 @@ class Pretrainer:
             raise ValueError("iterable datasets cannot be resumed exactly; pass a map-style Dataset")
         self.method = method
         self.train_loader = train_loader
+        self.run_info = dict(run_info or {})
         if device is None:
             device = f"cuda:{dist_utils.local_rank()}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -381,6 +385,7 @@ class Pretrainer:
             "data_position": {"epoch": self.epoch, "batch": self.batch_in_epoch},
             "rng": rng_states,
             "config": self.config.to_dict(),
+            "run_info": self.run_info,
             "world_size": dist_utils.world_size(),
         }
 

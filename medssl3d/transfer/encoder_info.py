@@ -1,7 +1,7 @@
 """Encoders that describe themselves: what was pretrained, how, on what, stored inside the weights file.
 
 An exported encoder file is ``{"state_dict": {MONAI keys: tensors}, "medssl3d_encoder": info}``, where
-``info`` (:func:`describe_encoder`) names the method, the backbone family and size with its width, the crop,
+``info`` (:func:`describe_encoder`, from the run's :func:`encoder_run_info`) names the method, the backbone family and size with its width, the crop,
 the preprocessing preset (modality, spacing, intensity mapping), the optimizer steps, which network was
 exported (the EMA teacher or the student) and the medssl3d version. MONAI users load
 ``torch.load(f)["state_dict"]``; :func:`medssl3d.transfer.export.export_weights` reads both this form and
@@ -24,13 +24,14 @@ from torch import Tensor
 
 import medssl3d
 from medssl3d.data.presets import PresetConfig
+from medssl3d.engine.distributed import is_main_process
 from medssl3d.networks.backbones import BACKBONE_SIZES
 from medssl3d.transfer.export import ENCODER_INFO_KEY, STATE_DICT_KEY, atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXPORT_SOURCES", "describe_encoder", "encoder_setting", "fitting_encoder", "read_encoder_info",
-           "save_encoder"]
+__all__ = ["EXPORT_SOURCES", "describe_encoder", "encoder_run_info", "encoder_setting", "export_encoder",
+           "fitting_encoder", "read_encoder_info", "save_encoder"]
 
 EXPORT_SOURCES = ("teacher", "student")
 """Which network of a method an export hands over: the EMA teacher (where the method has one) or the student."""
@@ -40,37 +41,29 @@ PRESET_FIELDS = ("modality", "spacing", "axcodes", "scaling", "a_min", "a_max", 
 """The preset fields an encoder records: what a voxel meant to it."""
 
 
-def describe_encoder(
-    *,
-    method: str,
-    export_target: str,
-    backbone_size: str,
-    roi_size: Sequence[int],
-    preset: PresetConfig,
-    steps: int,
-    source: str,
+def encoder_run_info(
+    *, method: str, export_target: str, backbone_size: str, roi_size: Sequence[int], preset: PresetConfig
 ) -> dict[str, Any]:
-    """The description saved with an exported encoder (plain types, loadable with ``weights_only=True``).
+    """What a pretraining run knows up front about the encoder it will hand over (plain types).
+
+    The engine keeps it in every checkpoint (``Pretrainer(run_info=...)``), so an export from any
+    checkpoint can describe itself.
 
     Args:
         method: the pretraining method's name, e.g. ``"alice"``.
         export_target: ``"swinunetr"`` or ``"unetr"``.
         backbone_size: ``"tiny"``, ``"small"`` or ``"base"``.
         roi_size: the pretraining crop ``(R, A, S)`` in voxels.
-        preset: the preprocessing the encoder was pretrained on.
-        steps: optimizer steps of the pretraining run.
-        source: ``"teacher"`` or ``"student"``.
+        preset: the preprocessing the encoder is pretrained on.
 
     Raises:
-        ValueError: an unknown target, size or source.
+        ValueError: an unknown target or size.
     """
     if export_target not in FAMILY_BY_TARGET:
         raise ValueError(f"export_target must be one of {sorted(FAMILY_BY_TARGET)}, got {export_target!r}")
     family = FAMILY_BY_TARGET[export_target]
     if backbone_size not in BACKBONE_SIZES[family]:
         raise ValueError(f"backbone_size must be one of {sorted(BACKBONE_SIZES[family])}, got {backbone_size!r}")
-    if source not in EXPORT_SOURCES:
-        raise ValueError(f"export source must be one of {EXPORT_SOURCES}, got {source!r}")
     size = dataclasses.asdict(BACKBONE_SIZES[family][backbone_size])
     return {
         "method": str(method),
@@ -83,10 +76,42 @@ def describe_encoder(
             k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(preset).items()
             if k in PRESET_FIELDS
         },
-        "steps": int(steps),
-        "source": source,
-        "medssl3d_version": medssl3d.__version__,
     }
+
+
+def describe_encoder(run_info: Mapping[str, Any], *, steps: int, source: str) -> dict[str, Any]:
+    """The description saved with an exported encoder: the run's facts, its steps, the network exported.
+
+    Args:
+        run_info: from :func:`encoder_run_info`.
+        steps: optimizer steps of the pretraining run.
+        source: ``"teacher"`` or ``"student"``.
+
+    Raises:
+        ValueError: an unknown source, or ``run_info`` without the run's facts.
+    """
+    if source not in EXPORT_SOURCES:
+        raise ValueError(f"export source must be one of {EXPORT_SOURCES}, got {source!r}")
+    missing = sorted({"method", "export_target", "width", "roi_size", "preset"} - set(run_info))
+    if missing:
+        raise ValueError(f"run_info lacks {missing}: build it with encoder_run_info()")
+    return {**run_info, "steps": int(steps), "source": source, "medssl3d_version": medssl3d.__version__}
+
+
+def export_encoder(trainer: Any, path: str | os.PathLike, *, source: str | None = None) -> Path | None:
+    """Save the encoder of a finished pretraining run with its description (rank 0 writes; others get None).
+
+    Args:
+        trainer: the run's :class:`~medssl3d.engine.trainer.Pretrainer` (built with ``run_info``).
+        path: the encoder file to write.
+        source: ``"teacher"`` / ``"student"``; ``None``: the method's default (the EMA teacher where it has one).
+    """
+    if not is_main_process():
+        return None
+    method = trainer.method
+    source = source or method.default_export_source()
+    info = describe_encoder(trainer.run_info, steps=trainer.step, source=source)
+    return save_encoder(method.export_state_dict(info["export_target"], source=source), path, info)
 
 
 def save_encoder(state: Mapping[str, Tensor], path: str | os.PathLike, info: Mapping[str, Any]) -> Path:

@@ -31,6 +31,7 @@ __all__ = [
     "LoadReport",
     "atomic_torch_save",
     "export_weights",
+    "load_weights_file",
     "load_pretrained",
     "load_pretrained_into",
     "save_weights",
@@ -38,6 +39,8 @@ __all__ = [
 
 STUDENT_BACKBONE_PREFIX = "student.backbone."
 """Where an ``SSLMethod``'s state dict keeps the student backbone (``method.student.backbone``)."""
+BACKBONE_PREFIXES = {"student": STUDENT_BACKBONE_PREFIX, "teacher": "teacher.backbone."}
+"""Where a method's state dict keeps each network's backbone (the teacher is the EMA copy, where there is one)."""
 CHECKPOINT_MODEL_KEY = "model"
 """The key of a pretraining checkpoint that holds the method's state dict."""
 STATE_DICT_KEY = "state_dict"
@@ -50,7 +53,8 @@ MAX_LISTED_KEYS = 5
 WeightsLike = str | os.PathLike | Mapping[str, Tensor]
 
 
-def _load_file(path: str | os.PathLike) -> Mapping:
+def load_weights_file(path: str | os.PathLike) -> Mapping:
+    """A weights file or checkpoint read with ``weights_only=True``; ``ValueError`` naming a missing or foreign file."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"weights file {str(path)!r} does not exist")
@@ -76,7 +80,9 @@ def _infer_target(keys: list[str]) -> str:
     )
 
 
-def export_weights(checkpoint_or_state: WeightsLike, target: str | None = None) -> dict[str, Tensor]:
+def export_weights(
+    checkpoint_or_state: WeightsLike, target: str | None = None, source: str = "student"
+) -> dict[str, Tensor]:
     """Target-keyed encoder weights from a checkpoint or a state dict.
 
     Args:
@@ -87,16 +93,20 @@ def export_weights(checkpoint_or_state: WeightsLike, target: str | None = None) 
             dict (``swinViT.*`` / ``vit.*``, passed through), plain or inside an encoder file
             (``{"state_dict": ..., "medssl3d_encoder": ...}``).
         target: ``"swinunetr"`` or ``"unetr"``; ``None`` infers it from the keys.
+        source: which backbone of a checkpoint or method state dict: ``"student"`` or ``"teacher"``.
 
     Returns:
         A state dict loadable into MONAI ``SwinUNETR`` (``swinViT.*`` [+ ``encoder*``/``decoder*``])
         or ``UNETR`` (``vit.*``); never SwinUNETR's ``out.`` conv.
 
     Raises:
-        ValueError: for a missing/unreadable file, unrecognisable keys, or weights of the other family.
+        ValueError: for a missing/unreadable file, unrecognisable keys, weights of the other family, an
+            unknown ``source``, or a method state dict without that backbone.
     """
+    if source not in BACKBONE_PREFIXES:
+        raise ValueError(f"source must be one of {sorted(BACKBONE_PREFIXES)}, got {source!r}")
     state = (
-        _load_file(checkpoint_or_state)
+        load_weights_file(checkpoint_or_state)
         if isinstance(checkpoint_or_state, (str, os.PathLike))
         else checkpoint_or_state
     )
@@ -104,11 +114,10 @@ def export_weights(checkpoint_or_state: WeightsLike, target: str | None = None) 
         if wrapper in state and isinstance(state[wrapper], Mapping):
             state = state[wrapper]
     if any(k.startswith(STUDENT_BACKBONE_PREFIX) for k in state):
-        state = {
-            k[len(STUDENT_BACKBONE_PREFIX) :]: v
-            for k, v in state.items()
-            if k.startswith(STUDENT_BACKBONE_PREFIX)
-        }
+        prefix = BACKBONE_PREFIXES[source]
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise ValueError(f"the method's state dict has no {source} backbone ({prefix}*)")
     keys = list(state)
     inferred = _infer_target(keys)
     if target is None:

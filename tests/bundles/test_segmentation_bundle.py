@@ -119,10 +119,11 @@ def test_recipe_ids_reach_the_optimizer_and_schedule(run_dir, encoder_file, pret
 
 def test_encoder_description_configures_the_bundle_and_a_mismatch_is_refused(run_dir, encoder_file):
     from medssl3d.data.presets import preset_for
-    from medssl3d.transfer.encoder_info import describe_encoder, save_encoder
+    from medssl3d.transfer.encoder_info import describe_encoder, encoder_run_info, save_encoder
 
-    info = describe_encoder(method="alice", export_target="swinunetr", backbone_size="tiny", roi_size=SMOKE_ROI,
-                            preset=preset_for("mri", 2.5), steps=10, source="teacher")
+    run = encoder_run_info(method="alice", export_target="swinunetr", backbone_size="tiny", roi_size=SMOKE_ROI,
+                           preset=preset_for("mri", 2.5))
+    info = describe_encoder(run, steps=10, source="teacher")
     described = save_encoder(encoder_file[1], run_dir / "described.pt", info)
     # train.json alone: every network and preprocessing setting comes from the encoder
     parser = ConfigParser()

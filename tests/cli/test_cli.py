@@ -83,6 +83,31 @@ def test_export_writes_swinunetr_weights(tmp_path):
     assert weights and all(k.startswith("swinViT.") for k in weights)
 
 
+def test_export_hands_over_the_teacher_with_the_run_description(tmp_path):
+    from medssl3d.data.presets import preset_for
+    from medssl3d.transfer.encoder_info import encoder_run_info, read_encoder_info
+
+    torch.manual_seed(0)
+    student, teacher = SwinBackbone(size="tiny"), SwinBackbone(size="tiny")
+    model = {**{f"student.backbone.{k}": v for k, v in student.state_dict().items()},
+             **{f"teacher.backbone.{k}": v for k, v in teacher.state_dict().items()}}
+    run_info = encoder_run_info(method="alice", export_target="swinunetr", backbone_size="tiny", roi_size=[64] * 3,
+                                preset=preset_for("ct"))
+    ckpt = save_checkpoint({"method": "alice", "backbone": "swin-tiny", "model": model, "step": 42,
+                            "run_info": run_info}, tmp_path / "last.pt")
+    out = tmp_path / "encoder.pt"
+    done = medssl3d("export", str(ckpt), "-o", str(out), "--source", "teacher")
+    assert done.returncode == 0, done.stderr
+    saved = torch.load(out, weights_only=True)["state_dict"]
+    key = "swinViT.patch_embed.proj.weight"
+    torch.testing.assert_close(saved[key], teacher.state_dict()[f"net.{key}"])
+    assert not torch.equal(saved[key], student.state_dict()[f"net.{key}"])
+    info = read_encoder_info(out)
+    assert (info["method"], info["steps"], info["source"], info["preset"]["modality"]) == ("alice", 42, "teacher", "ct")
+    wrong = medssl3d("export", str(ckpt), "-o", str(tmp_path / "x.pt"), "--target", "unetr")
+    assert wrong.returncode == 2 and "swinunetr" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
 @pytest.mark.parametrize("command", ["info", "datalist", "fetch-data", "export", "anomaly-map", "demo"])
 def test_every_command_has_help(command):
     done = medssl3d(command, "--help")

@@ -9,6 +9,7 @@ from monai.networks.nets import SwinUNETR
 from medssl3d.data.presets import preset_for
 from medssl3d.transfer.encoder_info import (
     describe_encoder,
+    encoder_run_info,
     encoder_setting,
     fitting_encoder,
     read_encoder_info,
@@ -17,10 +18,10 @@ from medssl3d.transfer.encoder_info import (
 from medssl3d.transfer.export import export_weights, load_pretrained, save_weights
 
 
-def _info(**kw):
+def _info(steps=300, source="teacher", **kw):
     args = dict(method="alice", export_target="swinunetr", backbone_size="tiny", roi_size=(64, 64, 64),
-                preset=preset_for("mri", 2.0), steps=300, source="teacher")
-    return describe_encoder(**{**args, **kw})
+                preset=preset_for("mri", 2.0))
+    return describe_encoder(encoder_run_info(**{**args, **kw}), steps=steps, source=source)
 
 
 @pytest.fixture()
@@ -100,3 +101,5 @@ def test_describe_refuses_unknown_values():
         _info(source="ema")
     with pytest.raises(ValueError, match="'resnet'"):
         _info(export_target="resnet")
+    with pytest.raises(ValueError, match="encoder_run_info"):
+        describe_encoder({"method": "alice"}, steps=1, source="student")
