@@ -11,10 +11,8 @@ trainer then calls ``fn(trainer)`` at that event. A bundle lists handlers in JSO
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from medssl3d.engine.trainer import Pretrainer
+from collections.abc import Callable
+from typing import Any, Protocol
 
 
 class Events(str, enum.Enum):
@@ -32,8 +30,15 @@ class Events(str, enum.Enum):
     COMPLETED = "completed"
 
 
+class EventSource(Protocol):
+    """What a handler needs of the trainer to register itself (:class:`medssl3d.engine.trainer.Pretrainer` is one)."""
+
+    def add_event_handler(self, event: Events | str, handler: Callable[[Any], None]) -> None:
+        """Call ``handler(trainer)`` at ``event``."""
+
+
 class Handler(Protocol):
     """Anything with ``attach(trainer)``, e.g. :class:`medssl3d.engine.probe.SegmentationProbe`."""
 
-    def attach(self, trainer: Pretrainer) -> None:
+    def attach(self, trainer: EventSource) -> None:
         """Register callbacks with ``trainer.add_event_handler``."""
