@@ -174,6 +174,9 @@ class AliceConfig:
             raise ValueError(f"casa_variant must be one of {CASA_VARIANTS}, got {self.casa_variant!r}")
         if self.casa_input not in CASA_INPUTS:
             raise ValueError(f"casa_input must be one of {CASA_INPUTS}, got {self.casa_input!r}")
+        for name in ("use_checkpoint", "recon_masked_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.correspondence not in PROVIDER_NAMES:
             raise ValueError(f"correspondence must be one of {PROVIDER_NAMES}, got {self.correspondence!r}")
         if len(self.view_keys) != NUM_VIEWS or len(set(self.view_keys)) != NUM_VIEWS:

@@ -77,6 +77,8 @@ def test_presets_mirror_the_dataclass_and_name_the_original_settings():
         AliceConfig(casa_variant="both")
     with pytest.raises(ValueError, match="casa_input.*'features'"):
         AliceConfig(casa_input="features")
+    with pytest.raises(ValueError, match="recon_masked_only.*'false'"):
+        AliceConfig(recon_masked_only="false")  # a command line's "false" is a string
 
 
 def test_transforms_give_the_batch_the_method_reads(sample):
