@@ -48,14 +48,15 @@ class BalancedBCEWithLogitsLoss(nn.Module):
             targets: soft targets in [0, 1], the shape of ``logits``.
 
         Returns:
-            A scalar ("mean", "sum") or the element-wise loss ("none").
+            A float32 scalar ("mean", "sum") or the element-wise loss ("none").
 
         Raises:
             ValueError: shapes differ.
         """
         if logits.shape != targets.shape:
             raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ in shape")
-        targets = targets.to(logits.dtype)
+        # in float32 whatever the logits' dtype: bf16 would round the soft targets to 3 significant digits
+        logits, targets = logits.float(), targets.float()
         alpha_t = self.alpha * targets + (1.0 - self.alpha) * (1.0 - targets)
         loss = alpha_t * F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         if self.reduction == "mean":

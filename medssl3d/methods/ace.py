@@ -1,28 +1,31 @@
-"""ACE-3D: anatomically consistent embedding by composition and decomposition (methods.md §4).
+"""ACE-3D: anatomically consistent embedding by composition and decomposition.
 
-After Zhou et al., "Learning Anatomically Consistent Embedding for Chest Radiography", BMVC 2023, ported
-to volumes. Two grid-aligned crops (:mod:`medssl3d.transforms.grid_crops`): a small one of ``n³`` cells
-at native resolution and a large one of ``(2n)³`` cells pooled ×2, so both are ``n c`` voxels and give
-``n³`` tokens, and every 2×2×2 block of small tokens lies under one large token. Student and EMA teacher
-are backbone + DINO head + dense head; the student also has a composition (2×2×2 small tokens → one)
-and a decomposition (one large token → 2×2×2) operator (:mod:`medssl3d.networks.compose`).
+See ``docs/methods.md`` (section "ACE-3D"). After Zhou et al., "Learning Anatomically Consistent Embedding
+for Chest Radiography", BMVC 2023, ported to volumes. Two grid-aligned crops
+(:mod:`medssl3d.transforms.grid_crops`): a small one of ``n³`` cells at native resolution and a large one of
+``(2n)³`` cells pooled ×2, so both are ``n c`` voxels and give ``n³`` tokens, and every 2×2×2 block of
+small tokens lies under one large token. Student and EMA teacher are backbone + DINO head + dense head;
+the student also has a composition (2×2×2 features → one) and a decomposition (one feature → 2×2×2)
+operator (:mod:`medssl3d.networks.compose`). As in the official code, the dense head runs on the backbone
+tokens of both networks, and the student's composition / decomposition act on its dense-head output.
 
 Losses (all correspondences come from the crops' cell offset ``d``, by arithmetic):
 
-- global: DINO cross-entropy crossed between the crops, on backbone tokens mean-pooled over the overlap;
+- global: DINO cross-entropy crossed between the crops, ``½[H(t_small, s_large) + H(t_large, s_small)]``,
+  on the backbone's last feature map mean-pooled over the overlap;
 - composition: ``⟨teacher large dense token i, composed student feature j⟩ / 0.07`` against a 3³ Gaussian
   (σ 1, peak 1) around ``j = i − d/2``, α-balanced BCE (α 0.9); rows of tokens outside the overlap are 0;
 - decomposition: ``⟨teacher small dense token s, decomposed student feature k⟩ / 0.07`` against a 5³
   Gaussian around ``k = s + d``, α 0.99;
 - total ``0.1 · global + 0.5 · (composition + decomposition)``.
 
-The dense head projects the composed / decomposed backbone features (student) and the backbone tokens
-(teacher) into one space, so the student predicts through the same head the teacher uses.
-
-Feature map (``token_stride`` = cell size ``c``): Swin's stride-16 stage (``features[3]``, the default)
-or its stride-32 bottleneck (``features[4]``); ViT's patch tokens (stride 16). With the Swin stride-16
-stage the last Swin stage (``layers4``) receives no gradient: it is exported untrained, and DDP needs
-``find_unused_parameters`` (the bundle sets it); ``token_stride=32`` pretrains the whole encoder.
+Feature maps. The dense losses use the map at ``token_stride`` (the cell size ``c``): Swin's stride-16
+stage (``features[3]``, the default) or its stride-32 bottleneck; ViT's patch tokens (stride 16). The
+global term uses the backbone's last map (Swin's stride-32 bottleneck, ViT's patch tokens), so every
+Swin stage, ``layers4`` included, is trained and the exported encoder holds no untrained stage, while
+the dense geometry stays at stride 16: ``n`` = 4-6 tokens per axis at 64³-96³ crops (at stride 32 a 64³
+crop has 2³ tokens, one composed feature, and 96³ none: ``n`` must be even). A bottleneck token covers
+2×2×2 stride-16 tokens and is weighted in the overlap mean by the share of them inside the overlap.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from monai.transforms import (
     Compose,
     DeleteItemsd,
@@ -85,21 +89,23 @@ DEFAULT_NOISE_STD = 0.02  # on intensities in [0, 1]
 
 @dataclass(frozen=True)
 class AceConfig:
-    """Hyper-parameters of :class:`Ace` (defaults: methods.md §4 on a Swin-base backbone).
+    """Hyper-parameters of :class:`Ace` (defaults: ``docs/methods.md``, section "ACE-3D", on a Swin-base backbone).
 
     Attributes:
         backbone: "swin" or "vit".
         backbone_size: "tiny" / "small" / "base".
         in_channels: input channels.
-        token_stride: cell size ``c`` in voxels = stride of the token map used: Swin 16 (``features[3]``)
-            or 32 (bottleneck); ViT 16 (its patch size).
+        token_stride: cell size ``c`` in voxels = stride of the token map of the dense losses: Swin 16
+            (``features[3]``) or 32 (bottleneck); ViT 16 (its patch size).
         grid_n: tokens per axis of each crop ``n`` (even); crops are ``n · token_stride`` voxels.
-        min_overlap: cells of overlap per axis between the crops, at least.
+        min_overlap: cells of overlap per axis between the crops, at least; the bundle passes it to
+            :func:`ace_transforms` (the ``high_overlap`` preset's 4 of 6 cells is close to the official
+            >= 10 of 14, about 0.7 n).
         out_dim: DINO prototypes ``K`` (65536; the ``k8192`` preset uses 8192).
         dino_hidden_dim: DINO head hidden width.
         dino_bottleneck_dim: DINO head width before the prototypes.
         dense_hidden_dim: dense head hidden width.
-        dense_out_dim: dense head output width.
+        dense_out_dim: dense head output width ``E``, also the width of composition / decomposition.
         student_temp: ``τs`` of the global loss.
         teacher_temp: ``τt`` of the global loss after the warm-up.
         teacher_temp_start: ``τt`` at step 0.
@@ -115,7 +121,7 @@ class AceConfig:
         global_weight: weight of the global DINO loss.
         local_weight: weight of the sum of the composition and decomposition losses.
         use_checkpoint: gradient checkpointing in the Swin blocks.
-        small_key: batch key of the small crops ``(B, C, n c, n c, n c)``.
+        small_key: batch key of the small crops ``(B, C, n c, n c, n c)``, spatial axes (R, A, S).
         large_key: batch key of the pooled large crops.
         offset_key: batch key of the cell offsets ``(B, 3)``.
     """
@@ -161,7 +167,7 @@ class AceConfig:
         if self.grid_n < 2 or self.grid_n % 2:
             raise ValueError(f"grid_n must be even and >= 2, got {self.grid_n}")
         if not 1 <= self.min_overlap <= self.grid_n:
-            raise ValueError(f"min_overlap must be in 1..grid_n, got {self.min_overlap}")
+            raise ValueError(f"min_overlap must be in 1..grid_n={self.grid_n}, got {self.min_overlap}")
         for name in ("in_channels", "out_dim", "dino_hidden_dim", "dino_bottleneck_dim", "dense_hidden_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -215,8 +221,8 @@ def correspondence_targets(offset: Tensor, n: int, direction: str, kernel: int, 
     coords = torch.arange(side, device=centres.device)
     diff = (coords.view(1, 1, 1, side) - centres.unsqueeze(-1)).float()  # (B, R, 3, side)
     weights = torch.exp(-(diff**2) / (2 * sigma**2)) * (diff.abs() <= kernel // 2)
-    z, y, x = weights.unbind(dim=2)
-    bumps = z[..., :, None, None] * y[..., None, :, None] * x[..., None, None, :]
+    w0, w1, w2 = weights.unbind(dim=2)  # per axis, (R, A, S)
+    bumps = w0[..., :, None, None] * w1[..., None, :, None] * w2[..., None, None, :]
     return bumps.flatten(2) * valid.unsqueeze(-1)
 
 
@@ -231,39 +237,54 @@ def _build_backbone(cfg: AceConfig) -> Backbone:
     )
 
 
-def _masked_mean(fmap: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``fmap (B, C, *S)`` over the positions where ``mask (B, *S)`` is True -> ``(B, C)``."""
-    weights = mask.flatten(1).to(fmap.dtype)
-    return torch.einsum("bcn,bn->bc", fmap.flatten(2), weights) / weights.sum(dim=1, keepdim=True).clamp_min(1)
+def _overlap_mean(fmap: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``fmap (B, C, m, m, m)`` over the overlap ``mask (B, n, n, n)`` of stride-``token_stride`` tokens.
+
+    ``n / m`` is 1 (the map is the token map) or 2 (a bottleneck token covers 2×2×2 tokens): each position
+    of ``fmap`` is weighted by the share of its tokens inside the overlap.
+
+    Returns:
+        ``(B, C)``.
+    """
+    ratio = mask.shape[-1] // fmap.shape[-1]
+    weights = F.avg_pool3d(mask[:, None].to(fmap.dtype), ratio).flatten(1)
+    return torch.einsum("bcn,bn->bc", fmap.flatten(2), weights) / weights.sum(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def _tokens(fmap: Tensor) -> Tensor:
+    """``(B, E, D, H, W)`` -> ``(B, D·H·W, E)`` in raster order of the last three axes."""
+    return fmap.flatten(2).transpose(1, 2)
 
 
 class AceEncoder(nn.Module):
     """Backbone + DINO head + dense head; the EMA teacher is one.
 
     Args:
-        backbone: the backbone.
-        dino_head: DINO head on overlap-pooled tokens.
-        dense_head: per-token projection.
-        token_stride: stride of the token map taken from the backbone's features.
+        backbone: the backbone (its forward returns a :class:`~medssl3d.networks.backbones.BackboneOutput`).
+        dino_head: DINO head on the overlap-pooled map at ``global_stride``.
+        dense_head: per-token projection of the map at ``token_stride``.
+        token_stride: stride of the token map of the dense losses.
+        global_stride: stride of the map of the global loss (``token_stride`` or twice it).
     """
 
-    def __init__(self, backbone: Backbone, dino_head: DINOHead, dense_head: DenseHead, token_stride: int) -> None:
+    def __init__(
+        self, backbone: nn.Module, dino_head: nn.Module, dense_head: nn.Module, token_stride: int, global_stride: int
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.dino_head = dino_head
         self.dense_head = dense_head
         self.token_stride = token_stride
+        self.global_stride = global_stride
 
-    def token_map(self, x: Tensor) -> Tensor:
-        """The backbone's token map at ``token_stride``: ``(B, C, n, n, n)`` for input ``(B, C_in, n c, ...)``."""
-        out = self.backbone(x)
-        return out.features[out.strides.index(self.token_stride)]
-
-    def _encode(self, small: Tensor, large: Tensor, small_mask: Tensor, large_mask: Tensor) -> tuple[Tensor, Tensor]:
-        # Both crops have one size, so one backbone call on 2B samples (no layer mixes samples).
-        fmap = self.token_map(torch.cat([small, large]))
-        pooled = _masked_mean(fmap, torch.cat([small_mask, large_mask]))
-        return fmap, self.dino_head(pooled)
+    def encode(self, small: Tensor, large: Tensor, small_mask: Tensor, large_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """DINO logits ``(2B, K)`` and dense maps ``(2B, E, n, n, n)`` of both crops, small crops first."""
+        # Both crops have one size, so one backbone call on 2B samples (no layer of the backbone mixes samples).
+        out = self.backbone(torch.cat([small, large]))
+        tokens = out.features[out.strides.index(self.token_stride)]
+        global_map = out.features[out.strides.index(self.global_stride)]
+        pooled = _overlap_mean(global_map, torch.cat([small_mask, large_mask]))
+        return self.dino_head(pooled), self.dense_head(tokens)
 
     def forward(self, small: Tensor, large: Tensor, small_mask: Tensor, large_mask: Tensor) -> dict[str, Tensor]:
         """Encode both crops (teacher side).
@@ -275,33 +296,42 @@ class AceEncoder(nn.Module):
             large_mask: ``(B, n, n, n)`` large tokens in the overlap.
 
         Returns:
-            ``global`` ``(2B, K)`` DINO logits of the overlap-pooled tokens, small crops first;
-            ``dense`` ``(2B, n³, E)`` unit-norm dense tokens, small crops first.
+            ``global`` ``(2B, K)`` DINO logits of the overlap-pooled maps, small crops first;
+            ``dense`` ``(2B, E, n, n, n)`` unit-norm dense features, small crops first.
         """
-        fmap, logits = self._encode(small, large, small_mask, large_mask)
-        return {"global": logits, "dense": self.dense_head(fmap)}
+        logits, dense = self.encode(small, large, small_mask, large_mask)
+        return {"global": logits, "dense": dense}
 
 
 class AceStudent(AceEncoder):
-    """:class:`AceEncoder` plus the composition and decomposition operators.
+    """:class:`AceEncoder` plus the composition and decomposition operators on its dense features.
 
     Args:
         backbone: the backbone.
-        dino_head: DINO head on overlap-pooled tokens.
-        dense_head: per-token projection.
-        token_stride: stride of the token map taken from the backbone's features.
-        dim: channels of that token map.
+        dino_head: DINO head on the overlap-pooled map at ``global_stride``.
+        dense_head: per-token projection of the map at ``token_stride``.
+        composition: 2×2×2 dense features -> one (:class:`~medssl3d.networks.compose.Composition`).
+        decomposition: one dense feature -> 2×2×2 (:class:`~medssl3d.networks.compose.Decomposition`).
+        token_stride: stride of the token map of the dense losses.
+        global_stride: stride of the map of the global loss.
     """
 
     def __init__(
-        self, backbone: Backbone, dino_head: DINOHead, dense_head: DenseHead, token_stride: int, dim: int
+        self,
+        backbone: nn.Module,
+        dino_head: nn.Module,
+        dense_head: nn.Module,
+        composition: nn.Module,
+        decomposition: nn.Module,
+        token_stride: int,
+        global_stride: int,
     ) -> None:
-        super().__init__(backbone, dino_head, dense_head, token_stride)
-        self.composition = Composition(dim)
-        self.decomposition = Decomposition(dim)
+        super().__init__(backbone, dino_head, dense_head, token_stride, global_stride)
+        self.composition = composition
+        self.decomposition = decomposition
 
     def forward(self, small: Tensor, large: Tensor, small_mask: Tensor, large_mask: Tensor) -> dict[str, Tensor]:
-        """Encode both crops, compose the small one's tokens and decompose the large one's (student side).
+        """Encode both crops, compose the small crop's dense features and decompose the large one's.
 
         Args:
             small: small crops ``(B, C_in, n c, n c, n c)``.
@@ -310,26 +340,28 @@ class AceStudent(AceEncoder):
             large_mask: ``(B, n, n, n)`` large tokens in the overlap.
 
         Returns:
-            ``global`` ``(2B, K)`` (small crops first); ``composed`` ``(B, (n/2)³, E)`` and ``decomposed``
-            ``(B, (2n)³, E)`` unit-norm dense features in raster order.
+            ``global`` ``(2B, K)`` (small crops first); ``composed`` ``(B, E, n/2, n/2, n/2)`` and
+            ``decomposed`` ``(B, E, 2n, 2n, 2n)``.
         """
-        fmap, logits = self._encode(small, large, small_mask, large_mask)
-        fmap_small, fmap_large = fmap.chunk(NUM_CROPS)
+        logits, dense = self.encode(small, large, small_mask, large_mask)
+        dense_small, dense_large = dense.chunk(NUM_CROPS)
         return {
             "global": logits,
-            "composed": self.dense_head(self.composition(fmap_small)),
-            "decomposed": self.dense_head(self.decomposition(fmap_large)),
+            "composed": self.composition(dense_small),
+            "decomposed": self.decomposition(dense_large),
         }
 
 
 class Ace(SSLMethod):
-    """ACE-3D (methods.md §4): global DINO + composition + decomposition on grid-aligned two-scale crops.
+    """ACE-3D: global DINO + composition + decomposition on grid-aligned two-scale crops.
+
+    See ``docs/methods.md`` (section "ACE-3D").
 
     The batch (from :func:`ace_transforms`) holds the small crops, the pooled large crops and their cell
     offsets; overlap masks and correspondences are recomputed from the offsets, so they cannot disagree.
 
     Args:
-        config: hyper-parameters; the defaults are methods.md §4.
+        config: hyper-parameters; the defaults are those of ``docs/methods.md``.
     """
 
     name = "ace"
@@ -340,15 +372,28 @@ class Ace(SSLMethod):
         self.backbone_name = f"{cfg.backbone}-{cfg.backbone_size}"
         backbone = _build_backbone(cfg)
         if isinstance(backbone, SwinBackbone):
-            dim = backbone.feature_channels[backbone.strides.index(cfg.token_stride)]
+            token_dim = backbone.feature_channels[backbone.strides.index(cfg.token_stride)]
         else:
-            dim = backbone.embed_dim
+            token_dim = backbone.embed_dim
+        # the global term reads the last (bottleneck) map, so that every stage of the backbone is trained
+        global_stride = backbone.patch_stride
         dino_head = DINOHead(
-            dim, out_dim=cfg.out_dim, hidden_dim=cfg.dino_hidden_dim, bottleneck_dim=cfg.dino_bottleneck_dim
+            backbone.embed_dim,
+            out_dim=cfg.out_dim,
+            hidden_dim=cfg.dino_hidden_dim,
+            bottleneck_dim=cfg.dino_bottleneck_dim,
         )
-        dense_head = DenseHead(dim, hidden_dim=cfg.dense_hidden_dim, out_dim=cfg.dense_out_dim)
-        self.student = AceStudent(backbone, dino_head, dense_head, cfg.token_stride, dim)
-        self.teacher = make_teacher(AceEncoder(backbone, dino_head, dense_head, cfg.token_stride))
+        dense_head = DenseHead(token_dim, hidden_dim=cfg.dense_hidden_dim, out_dim=cfg.dense_out_dim)
+        self.student = AceStudent(
+            backbone,
+            dino_head,
+            dense_head,
+            Composition(cfg.dense_out_dim),
+            Decomposition(cfg.dense_out_dim),
+            cfg.token_stride,
+            global_stride,
+        )
+        self.teacher = make_teacher(AceEncoder(backbone, dino_head, dense_head, cfg.token_stride, global_stride))
         self.global_loss = DINOLoss(cfg.out_dim, student_temp=cfg.student_temp, center_momentum=cfg.center_momentum)
         self.comp_loss = BalancedBCEWithLogitsLoss(cfg.comp_alpha)
         self.decomp_loss = BalancedBCEWithLogitsLoss(cfg.decomp_alpha)
@@ -359,7 +404,7 @@ class Ace(SSLMethod):
         return [(s.backbone, t.backbone), (s.dino_head, t.dino_head), (s.dense_head, t.dense_head)]
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
-        """The student's DINO prototypes (frozen by the engine for ``freeze_last_layer_steps``)."""
+        """The student's DINO prototypes (frozen by the engine's ``freeze_last_layer_steps`` / ``_epochs``)."""
         return [self.student.dino_head.last_layer.weight]
 
     def teacher_temp(self, step: StepInfo) -> float:
@@ -372,7 +417,8 @@ class Ace(SSLMethod):
         """Compute ``global_weight · global + local_weight · (comp + decomp)``.
 
         Args:
-            batch: ``{small_key: (B, C, n c, n c, n c), large_key: (B, C, n c, n c, n c), offset_key: (B, 3)}``.
+            batch: ``{small_key: (B, C, n c, n c, n c), large_key: (B, C, n c, n c, n c), offset_key: (B, 3)}``;
+                spatial axes (R, A, S), offsets in cells along them.
             step: where training stands (teacher-temperature warm-up).
 
         Returns:
@@ -401,11 +447,11 @@ class Ace(SSLMethod):
         global_loss = self.global_loss(
             out["global"].chunk(NUM_CROPS), target["global"].chunk(NUM_CROPS), teacher_temp=self.teacher_temp(step)
         )
-        teacher_small, teacher_large = target["dense"].chunk(NUM_CROPS)
-        comp_logits = torch.einsum("bie,bje->bij", teacher_large, out["composed"]) / cfg.dense_temp
+        teacher_small, teacher_large = _tokens(target["dense"]).chunk(NUM_CROPS)
+        comp_logits = torch.einsum("bie,bje->bij", teacher_large, _tokens(out["composed"])) / cfg.dense_temp
         comp_target = correspondence_targets(offset, n, COMPOSE, cfg.comp_kernel, cfg.comp_sigma)
         comp = self.comp_loss(comp_logits, comp_target)
-        decomp_logits = torch.einsum("bse,bke->bsk", teacher_small, out["decomposed"]) / cfg.dense_temp
+        decomp_logits = torch.einsum("bse,bke->bsk", teacher_small, _tokens(out["decomposed"])) / cfg.dense_temp
         decomp_target = correspondence_targets(offset, n, DECOMPOSE, cfg.decomp_kernel, cfg.decomp_sigma)
         decomp = self.decomp_loss(decomp_logits, decomp_target)
 

@@ -1,14 +1,16 @@
-"""ACE-3D's composition and decomposition of token maps, and its dense projection head (methods.md §4).
+"""ACE-3D's dense projection head and its composition / decomposition of dense-feature maps.
 
-Two grid-aligned crops share one cell lattice: each token of the ×2-downsampled large crop covers the
-2×2×2 cells that 2×2×2 tokens of the small crop cover. *Composition* maps every 2×2×2 block of small
-tokens to one feature (the large token at that place); *decomposition* maps one large token to 2×2×2
-features (the small tokens under it).
+See ``docs/methods.md`` (section "ACE-3D"). Two grid-aligned crops share one cell lattice: each token of the
+×2-downsampled large crop covers the 2×2×2 cells that 2×2×2 tokens of the small crop cover. *Composition*
+maps every 2×2×2 block of small-crop features to one feature (the large token at that place);
+*decomposition* maps one large-crop feature to 2×2×2 features (the small tokens under it). As in the
+official code, both act on the output of the :class:`DenseHead`.
 
-Layout convention, shared by :func:`unfold_2x2x2` and :func:`pixel_shuffle_3d` (they are inverses):
-the 8 members of a block are concatenated along channels in ``(dz, dy, dx)`` raster order, so channel
-``((dz * 2 + dy) * 2 + dx) * C + c`` of block ``(z, y, x)`` is channel ``c`` of token
-``(2z + dz, 2y + dy, 2x + dx)``.
+Layout convention, shared by :func:`unfold_2x2x2` and :func:`pixel_shuffle_3d` (they are inverses): the
+8 members of a block are concatenated along channels in raster order of their offsets ``(o0, o1, o2)``
+along the last three tensor axes (R, A, S after ``Orientationd("RAS")``: left→right, posterior→anterior,
+inferior→superior), so channel ``((o0 * 2 + o1) * 2 + o2) * C + c`` of block ``(u0, u1, u2)`` is channel
+``c`` of token ``(2 u0 + o0, 2 u1 + o1, 2 u2 + o2)``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def unfold_2x2x2(x: Tensor) -> Tensor:
         x: token map ``(B, C, D, H, W)`` with D, H, W even.
 
     Returns:
-        ``(B, 8 C, D / 2, H / 2, W / 2)`` in the module's ``(dz, dy, dx, c)`` channel order.
+        ``(B, 8 C, D / 2, H / 2, W / 2)`` in the module's ``(o0, o1, o2, c)`` channel order.
 
     Raises:
         ValueError: a spatial side is odd.
@@ -50,7 +52,7 @@ def pixel_shuffle_3d(x: Tensor) -> Tensor:
     """3D pixel shuffle (depth-to-space), the inverse of :func:`unfold_2x2x2`.
 
     Args:
-        x: ``(B, 8 C, D, H, W)`` in the module's ``(dz, dy, dx, c)`` channel order.
+        x: ``(B, 8 C, D, H, W)`` in the module's ``(o0, o1, o2, c)`` channel order.
 
     Returns:
         ``(B, C, 2 D, 2 H, 2 W)``.
@@ -72,10 +74,10 @@ def _channels_first(x: Tensor) -> Tensor:
 
 
 class Composition(nn.Module):
-    """Compose 2×2×2 tokens into one: unfold, ``Linear(8D → D, no bias) → LayerNorm → ReLU → Linear(D → D)``.
+    """Compose 2×2×2 features into one: unfold, ``Linear(8D → D, no bias) → LayerNorm → ReLU → Linear(D → D)``.
 
     Args:
-        dim: token channels ``D``.
+        dim: feature channels ``D`` (the dense head's output width).
     """
 
     def __init__(self, dim: int) -> None:
@@ -85,22 +87,22 @@ class Composition(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """Compose a token map.
+        """Compose a feature map.
 
         Args:
-            x: ``(B, D, n, n, n)`` small-crop tokens (any even sides).
+            x: ``(B, D, n, n, n)`` small-crop dense features (any even sides).
 
         Returns:
-            ``(B, D, n / 2, n / 2, n / 2)``: feature ``j`` is composed from tokens ``2 j + {0, 1}`` per axis.
+            ``(B, D, n / 2, n / 2, n / 2)``: feature ``j`` is composed from features ``2 j + {0, 1}`` per axis.
         """
         return _channels_first(self.mlp(_channels_last(unfold_2x2x2(x))))
 
 
 class Decomposition(nn.Module):
-    """Decompose a token into 2×2×2: ``Linear(D → 8D, no bias) → LayerNorm → ReLU → Linear(8D → 8D)``, shuffle.
+    """Decompose a feature into 2×2×2: ``Linear(D → 8D, no bias) → LayerNorm → ReLU → Linear(8D → 8D)``, shuffle.
 
     Args:
-        dim: token channels ``D``.
+        dim: feature channels ``D`` (the dense head's output width).
     """
 
     def __init__(self, dim: int) -> None:
@@ -111,30 +113,32 @@ class Decomposition(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """Decompose a token map.
+        """Decompose a feature map.
 
         Args:
-            x: ``(B, D, n, n, n)`` large-crop tokens.
+            x: ``(B, D, n, n, n)`` large-crop dense features.
 
         Returns:
-            ``(B, D, 2n, 2n, 2n)``: feature ``k`` comes from token ``k // 2`` per axis, sub-cell ``k % 2``.
+            ``(B, D, 2n, 2n, 2n)``: feature ``k`` comes from feature ``k // 2`` per axis, sub-cell ``k % 2``.
         """
         return pixel_shuffle_3d(_channels_first(self.mlp(_channels_last(x))))
 
 
 class DenseHead(nn.Module):
-    """Per-token projection: 1×1×1 convolutions with BatchNorm and ReLU between them, then L2 normalisation.
+    """Per-token projection: ``n_layers`` × (1×1×1 conv → BatchNorm → ReLU), then L2 normalisation.
 
-    ``n_layers`` 1×1×1 convolutions; every one but the last is followed by BatchNorm and ReLU. The last has
-    neither: a ReLU before the L2 normalisation would make every cosine similarity non-negative, so the
-    dense BCE could never push a negative pair below a logit of 0 (methods.md §4 lists "three 1×1×1 conv
-    → BatchNorm → ReLU"; this is the reading of it as an MLP projector). A 1×1×1 convolution is a linear
-    layer applied to every token, and is computed as one (``nn.Linear`` on ``(B·N, C)`` rows with
-    ``BatchNorm1d``): PyTorch's CPU Conv3d has no fast path for 1×1×1 kernels.
+    The official ACE dense head. It runs on the backbone tokens of both the student and the EMA teacher
+    (the student's composition and decomposition then act on its output), so the teacher's copy sees
+    inputs of the kind its student was trained on. Its output is non-negative (the last ReLU) and of unit
+    norm. A 1×1×1 convolution is a linear layer applied to every token and is computed as one
+    (``nn.Linear`` on ``(B·N, C)`` rows, without bias since BatchNorm follows, and ``BatchNorm1d``):
+    PyTorch's CPU Conv3d has no fast path for 1×1×1 kernels.
 
-    BatchNorm uses batch statistics in training *and* eval mode (``track_running_stats=False``): the
-    EMA teacher (kept in eval mode) then normalises its own features instead of using running statistics
-    of the student's composed/decomposed features, as in DINO where the teacher's BatchNorm sees its batch.
+    BatchNorm normalises with the statistics of the tokens of the current call, in training *and* eval
+    mode (``track_running_stats=False``). The official teacher runs in training mode, so its BatchNorm
+    uses its own batch statistics; here the EMA teacher is kept in eval mode, and running statistics
+    would be the student's, carried over by the EMA. The head is never exported, so there is no
+    inference use for running statistics.
 
     Args:
         in_dim: token channels.
@@ -158,13 +162,12 @@ class DenseHead(nn.Module):
             raise ValueError(f"DenseHead n_layers must be >= 1, got {n_layers}")
         dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [out_dim]
         layers: list[nn.Module] = []
-        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
-            last = i == n_layers - 1
-            # the bias is redundant before BatchNorm
-            layers.append(nn.Linear(d_in, d_out, bias=last))
-            if not last:
-                layers.append(nn.BatchNorm1d(d_out, track_running_stats=False))
-                layers.append(nn.ReLU(inplace=True))
+        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
+            layers += [
+                nn.Linear(d_in, d_out, bias=False),
+                nn.BatchNorm1d(d_out, track_running_stats=False),
+                nn.ReLU(inplace=True),
+            ]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -174,8 +177,8 @@ class DenseHead(nn.Module):
             x: ``(B, in_dim, D, H, W)``; BatchNorm statistics run over all ``B·D·H·W`` tokens.
 
         Returns:
-            ``(B, D·H·W, out_dim)`` unit-norm tokens in ``(z, y, x)`` raster order.
+            ``(B, out_dim, D, H, W)``, every token of unit norm along channels.
         """
-        tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
-        y = self.net(tokens.reshape(-1, tokens.shape[-1])).view(*tokens.shape[:2], -1)
-        return F.normalize(y, dim=-1, eps=L2_EPS)
+        tokens = _channels_last(x)
+        y = self.net(tokens.reshape(-1, tokens.shape[-1])).view(*tokens.shape[:-1], -1)
+        return F.normalize(_channels_first(y), dim=1, eps=L2_EPS)

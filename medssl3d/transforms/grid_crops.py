@@ -1,4 +1,6 @@
-"""Grid-aligned two-scale crops of ACE-3D (methods.md §4), with their correspondences by arithmetic.
+"""Grid-aligned two-scale crops of ACE-3D, with their correspondences by arithmetic.
+
+See ``docs/methods.md`` (section "ACE-3D").
 
 One cell lattice of side ``c`` voxels (the token stride of the feature map used) is anchored at the large
 crop's corner. In cells, per axis, with the large corner ``a = 0`` and the small corner ``b = d``:
@@ -14,7 +16,8 @@ Because ``d`` and ``n`` are even, the overlap starts and ends on large-token bou
   lies exactly under large token ``i = j + d/2``; large token ``i`` matches composed cell ``i - d/2``;
 - *decomposition*: small token ``s`` lies under sub-cell ``k = s + d`` of the ``(2n)³`` decomposed grid.
 
-Every spatial triple here is ``(z, y, x)``, the order of a tensor's last three axes. Crops are only cut
+Every spatial triple here follows the order of a tensor's last three axes: (R, A, S) after
+``Orientationd("RAS")``, i.e. left→right, posterior→anterior, inferior→superior. Crops are only cut
 and pooled (no flip, no rotation), so the arithmetic above is all the correspondence there is.
 """
 
@@ -84,7 +87,7 @@ def matched_cells(offset: Tensor, n: int, direction: str) -> tuple[Tensor, Tenso
     """For every token of one crop, the cell it matches in the other crop's composed/decomposed grid.
 
     Args:
-        offset: ``(B, 3)`` integer ``d = b - a`` in cells, ``(z, y, x)``, even.
+        offset: ``(B, 3)`` integer ``d = b - a`` in cells along the last three tensor axes (R, A, S), even.
         n: tokens per axis of each crop.
         direction: ``"compose"``: rows are the large crop's ``n³`` tokens ``i`` and the cell is
             ``i - d/2`` in the ``(n/2)³`` composed grid; ``"decompose"``: rows are the small crop's ``n³``
@@ -92,7 +95,7 @@ def matched_cells(offset: Tensor, n: int, direction: str) -> tuple[Tensor, Tenso
 
     Returns:
         ``centres (B, n³, 3)`` long (may fall outside the grid) and ``valid (B, n³)`` bool (the row's
-        token lies in the overlap); rows in ``(z, y, x)`` raster order.
+        token lies in the overlap); rows in raster order of the last three tensor axes (the last fastest).
 
     Raises:
         ValueError: an odd offset or a bad direction.
@@ -110,7 +113,7 @@ def matched_cells(offset: Tensor, n: int, direction: str) -> tuple[Tensor, Tenso
 
 
 def flat_index(centres: Tensor, valid: Tensor, side: int) -> Tensor:
-    """Raster index ``(z * side + y) * side + x`` of each matched cell, -1 where ``valid`` is False.
+    """Raster index ``(c0 * side + c1) * side + c2`` of each matched cell ``(c0, c1, c2)``, -1 where ``valid`` is False.
 
     Args:
         centres: ``(..., 3)`` cells.
@@ -120,8 +123,8 @@ def flat_index(centres: Tensor, valid: Tensor, side: int) -> Tensor:
     Returns:
         ``(...)`` long.
     """
-    z, y, x = centres.unbind(-1)
-    index = (z * side + y) * side + x
+    c0, c1, c2 = centres.unbind(-1)
+    index = (c0 * side + c1) * side + c2
     return torch.where(valid, index, torch.full_like(index, -1))
 
 
@@ -149,7 +152,7 @@ class GridCropGeometry:
     """Where one pair of crops was cut.
 
     Attributes:
-        offset: ``d = b - a`` in cells, ``(z, y, x)``, every entry even.
+        offset: ``d = b - a`` in cells along the last three tensor axes (R, A, S), every entry even.
         small_corner: first voxel of the small crop in the input volume (negative inside padding).
         large_corner: first voxel of the large crop (before pooling) in the input volume.
         n: tokens per axis of each crop.
@@ -236,7 +239,7 @@ class RandGridCropPair(RandomizableTransform):
         return self._geometry
 
     def randomize(self, spatial_shape: Sequence[int]) -> None:
-        """Draw offsets and corners for a volume of ``spatial_shape`` ``(D, H, W)`` from ``self.R``.
+        """Draw offsets and corners for a volume of ``spatial_shape`` (its last three axes) from ``self.R``.
 
         Raises:
             ValueError: ``spatial_shape`` is not 3D.

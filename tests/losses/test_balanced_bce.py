@@ -75,3 +75,11 @@ def test_bad_arguments_raise(kwargs):
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="shape"):
         BalancedBCEWithLogitsLoss()(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+def test_bf16_logits_are_scored_in_float32_against_unrounded_targets():
+    x = torch.tensor([0.5, -1.0, 2.0]).bfloat16()
+    t = torch.tensor([math.exp(-0.5), math.exp(-2.0), 0.123456])
+    got = BalancedBCEWithLogitsLoss(0.9, reduction="none")(x, t)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, BalancedBCEWithLogitsLoss(0.9, reduction="none")(x.float(), t))

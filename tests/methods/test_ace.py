@@ -1,9 +1,12 @@
+import itertools
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from monai.bundle import ConfigParser
 from monai.data import Dataset, list_data_collate
 from monai.networks.nets import UNETR, SwinUNETR
 from torch import nn
@@ -13,6 +16,7 @@ from medssl3d.engine.ema import ema_update
 from medssl3d.methods.ace import (
     AceConfig,
     AceEncoder,
+    AceStudent,
     ace_transforms,
     build_ace,
     config_from_yaml,
@@ -20,11 +24,14 @@ from medssl3d.methods.ace import (
 )
 from medssl3d.methods.base import StepInfo
 from medssl3d.networks.backbones import BackboneOutput
+from medssl3d.networks.compose import pixel_shuffle_3d, unfold_2x2x2
 from medssl3d.transforms.grid_crops import GridCropGeometry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PRESETS = Path(__file__).resolve().parents[2] / "configs" / "methods" / "ace.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = ROOT / "configs" / "methods" / "ace.yaml"
+BUNDLE = ROOT / "bundles" / "ace" / "configs"
 STEP = StepInfo(step=0, total_steps=1, epoch=0)
 # Tiny sizes: Swin/ViT tiny, K = 256 and narrow heads (the heads, not the backbone, dominate a ViT-tiny step).
 TINY = {"backbone_size": "tiny", "out_dim": 256, "dino_hidden_dim": 256, "dense_hidden_dim": 256}
@@ -56,6 +63,8 @@ def test_presets_mirror_the_dataclass():
     assert config_from_yaml(PRESETS, preset="vit_tiny", out_dim=256) == AceConfig(
         backbone="vit", backbone_size="tiny", grid_n=4, out_dim=256
     )
+    # official-like pairs: >= 4 of 6 cells of overlap per axis (about 0.7 n; the official 2x crops: >= 10 of 14)
+    assert config_from_yaml(PRESETS, preset="high_overlap") == AceConfig(min_overlap=4)
     with pytest.raises(ValueError, match="huge"):
         config_from_yaml(PRESETS, preset="huge")
 
@@ -146,18 +155,23 @@ def test_swin_backward_reaches_every_student_part_and_never_the_teacher(swin_met
     swin_method.zero_grad()
     swin_method(_batch(2, 2, (48, 48, 48), seed=1), STEP)["loss"].backward()
     student = swin_method.student
-    for name in ("dino_head", "dense_head", "composition", "decomposition"):
-        grads = [p.grad for p in getattr(student, name).parameters()]
-        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), name
-        assert sum(g.abs().sum() for g in grads) > 0, name
-    swin = student.backbone.net.swinViT
-    for stage in ("patch_embed", "layers1", "layers2", "layers3"):
-        grads = [p.grad for p in getattr(swin, stage).parameters()]
-        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, stage
-    # the stride-16 token map is layers3's output: the last stage gets no signal (documented)
-    assert all(p.grad is None for p in swin.layers4.parameters())
+    for name, p in student.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert all(not p.requires_grad and p.grad is None for p in swin_method.teacher.parameters())
     assert swin_method.last_layer_parameters() == [student.dino_head.last_layer.weight]
+    swin_method.zero_grad()
+
+
+def test_every_exported_parameter_is_trained(swin_method):
+    # With the stride-16 token map the global term reads the bottleneck, so layers4 is trained too: nothing is
+    # exported at its initial values. (Buffers such as relative position indices are exported but not trained.)
+    swin_method.zero_grad()
+    swin_method(_batch(2, 1, (48, 48, 48), seed=2), STEP)["loss"].backward()
+    params = dict(swin_method.student.backbone.named_parameters())
+    exported = [k for k in swin_method.export_state_dict("swinunetr") if f"net.{k}" in params]
+    assert any(k.startswith("swinViT.layers4.") for k in exported)
+    untrained = [k for k in exported if params[f"net.{k}"].grad is None or not params[f"net.{k}"].grad.abs().sum() > 0]
+    assert untrained == []
     swin_method.zero_grad()
 
 
@@ -200,16 +214,195 @@ def test_vit_forward_and_export_into_unetr():
     assert not unexpected and not encoder_keys & set(missing)
 
 
-def test_token_map_is_the_feature_at_the_token_stride():
-    class Stub(nn.Module):
-        def forward(self, x):
-            f16, f32 = torch.zeros(1, 3, 4, 4, 4), torch.ones(1, 5, 2, 2, 2)
-            return BackboneOutput(tokens=f32.flatten(2).transpose(1, 2), features=[f16, f32], strides=(16, 32))
+# ---------------------------------------------------------------- known answers with stub networks
+# Stubs with fixed, different weights for student and teacher; every stub records what it received and returned.
+# Grid n = 4 (64^3 crops): token map at stride 16 (4^3), "bottleneck" at stride 32 (2^3).
+N, B, K, E, C16, C32 = 4, 2, 16, 5, 3, 4
+OFFSETS = torch.tensor([[-2, 0, 6], [4, 2, -2]])  # cells; each sample has tokens in and out of the overlap
 
-    encoder = AceEncoder(Stub(), nn.Identity(), nn.Identity(), token_stride=32)
-    assert encoder.token_map(torch.zeros(1, 1, 64, 64, 64)).shape == (1, 5, 2, 2, 2)
-    encoder.token_stride = 16
-    assert encoder.token_map(torch.zeros(1, 1, 64, 64, 64)).shape == (1, 3, 4, 4, 4)
+
+class Recorder(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn, self.inputs, self.outputs = fn, [], []
+
+    def forward(self, x):
+        y = self.fn(x)
+        self.inputs.append(x)
+        self.outputs.append(y)
+        return y
+
+
+def _w(seed, *shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _stub_parts(seed):
+    w16, w32 = _w(seed, 1, C16, 1, 1, 1), _w(seed + 1, 1, C32, 1, 1, 1)
+    pos16, pos32 = _w(seed + 2, 1, C16, N, N, N), _w(seed + 3, 1, C32, N // 2, N // 2, N // 2)
+
+    def backbone(x):
+        f16 = 64 * F.avg_pool3d(x, 16) * w16 + pos16
+        f32 = 64 * F.avg_pool3d(x, 32) * w32 + pos32
+        return BackboneOutput(tokens=f32.flatten(2).transpose(1, 2), features=[f16, f32], strides=(16, 32))
+
+    head, dense = _w(seed + 4, C32, K), _w(seed + 5, E, C16)
+    comp, decomp = 0.1 * _w(seed + 6, E, 8 * E), 0.1 * _w(seed + 7, 8 * E, E)  # logits of a few units
+    return dict(
+        backbone=Recorder(backbone),
+        dino_head=Recorder(lambda v: 0.2 * v @ head),
+        dense_head=Recorder(lambda f: F.normalize(torch.einsum("ec,bcdhw->bedhw", dense, f), dim=1)),
+        composition=Recorder(lambda f: torch.einsum("oc,bcdhw->bodhw", comp, unfold_2x2x2(f))),
+        decomposition=Recorder(lambda f: pixel_shuffle_3d(torch.einsum("oc,bcdhw->bodhw", decomp, f))),
+    )
+
+
+@pytest.fixture(scope="module")
+def stubbed():
+    """An Ace whose student and teacher are stubs, run once on a batch with known offsets."""
+    torch.manual_seed(0)
+    method = build_ace(backbone="vit", grid_n=N, **{**TINY, "out_dim": K})
+    method.student = AceStudent(**_stub_parts(10), token_stride=16, global_stride=32)
+    teacher = _stub_parts(20)
+    teacher.pop("composition"), teacher.pop("decomposition")
+    method.teacher = AceEncoder(**teacher, token_stride=16, global_stride=32)
+    g = torch.Generator().manual_seed(3)
+    batch = {
+        "image_small": torch.randn(B, 1, 64, 64, 64, generator=g),
+        "image_large": torch.randn(B, 1, 64, 64, 64, generator=g) + 0.05,
+        "grid_offset": OFFSETS,
+    }
+    out = method(batch, StepInfo(step=0, total_steps=10, epoch=0))
+    return method, batch, out
+
+
+def _in_overlap(offset, n):
+    """By hand, per sample and axis: small tokens s with 0 <= s + d < 2n; large tokens i with 0 <= i - d/2 < n/2."""
+    small = [[[0 <= s + int(d) < 2 * n for s in range(n)] for d in row] for row in offset]
+    large = [[[0 <= i - int(d) // 2 < n // 2 for i in range(n)] for d in row] for row in offset]
+    return small, large
+
+
+def _bottleneck_weights(per_axis):
+    """Share of each stride-32 token's 2x2x2 stride-16 tokens inside the overlap: (B, 8)."""
+    rows = []
+    for axes in per_axis:
+        shares = [[(a[2 * m] + a[2 * m + 1]) / 2 for m in range(N // 2)] for a in axes]
+        rows.append([x * y * z for x, y, z in itertools.product(*shares)])
+    return torch.tensor(rows)
+
+
+def _gaussian_targets(offset, n, compose, radius):
+    """By hand: row = teacher token, column = composed ((n/2)^3) or decomposed ((2n)^3) cell; 0 outside overlap."""
+    side = n // 2 if compose else 2 * n
+    out = torch.zeros(len(offset), n**3, side**3)
+    for b, d in enumerate(offset.tolist()):
+        for r, token in enumerate(itertools.product(range(n), repeat=3)):
+            centre = [t - dd // 2 if compose else t + dd for t, dd in zip(token, d, strict=True)]
+            if not all(0 <= c < side for c in centre):
+                continue
+            for m, cell in enumerate(itertools.product(range(side), repeat=3)):
+                if all(abs(x - c) <= radius for x, c in zip(cell, centre, strict=True)):
+                    out[b, r, m] = math.exp(-sum((x - c) ** 2 for x, c in zip(cell, centre, strict=True)) / 2)
+    return out
+
+
+def _balanced_bce(logits, t, alpha):
+    x = logits.double()
+    bce = -(t * F.logsigmoid(x) + (1 - t) * F.logsigmoid(-x))  # log sigma(x), log(1 - sigma(x))
+    return ((alpha * t + (1 - alpha) * (1 - t)) * bce).mean().float()
+
+
+def test_student_and_teacher_backbones_see_both_augmented_crops(stubbed):
+    method, batch, _ = stubbed
+    crops = torch.cat([batch["image_small"], batch["image_large"]])
+    for net in (method.student, method.teacher):
+        assert len(net.backbone.inputs) == 1
+        assert torch.equal(net.backbone.inputs[0], crops)
+
+
+def test_dense_head_runs_on_tokens_in_both_networks_and_comp_decomp_on_the_students_dense_features(stubbed):
+    method, _, _ = stubbed
+    s, t = method.student, method.teacher
+    assert torch.equal(s.dense_head.inputs[0], s.backbone.outputs[0].features[0])  # the stride-16 token map
+    assert torch.equal(t.dense_head.inputs[0], t.backbone.outputs[0].features[0])
+    dense = s.dense_head.outputs[0]
+    assert torch.equal(s.composition.inputs[0], dense[:B])  # the small crops' dense features are composed
+    assert torch.equal(s.decomposition.inputs[0], dense[B:])  # the large crops' are decomposed
+
+
+def test_global_term_is_crossed_dino_on_the_overlap_pooled_bottleneck(stubbed):
+    method, _, out = stubbed
+    small_axes, large_axes = _in_overlap(OFFSETS, N)
+    weights = torch.cat([_bottleneck_weights(small_axes), _bottleneck_weights(large_axes)])  # (2B, 8)
+    assert (weights[:B] > 0).any() and (weights[:B] < 1).any() and (weights[B:] > 0).any()
+    for net in (method.student, method.teacher):
+        f32 = net.backbone.outputs[0].features[1].flatten(2)  # (2B, C32, 8)
+        pooled = (f32 * weights[:, None]).sum(-1) / weights.sum(-1, keepdim=True)
+        torch.testing.assert_close(net.dino_head.inputs[0], pooled)
+    s, t = method.student.dino_head.outputs[0], method.teacher.dino_head.outputs[0]
+
+    def h(teacher, student):  # the centre is 0 at the first step; tau_t 0.04, tau_s 0.1
+        return -(torch.softmax(teacher / 0.04, -1) * torch.log_softmax(student / 0.1, -1)).sum(-1).mean()
+
+    want = (h(t[:B], s[B:]) + h(t[B:], s[:B])) / 2
+    torch.testing.assert_close(out["parts"]["global"], want)
+
+
+def test_composition_and_decomposition_logits_targets_and_loss_by_hand(stubbed):
+    method, _, out = stubbed
+    teacher_dense = method.teacher.dense_head.outputs[0].flatten(2)  # (2B, E, n^3), small crops first
+    composed = method.student.composition.outputs[0].flatten(2)  # (B, E, (n/2)^3)
+    decomposed = method.student.decomposition.outputs[0].flatten(2)  # (B, E, (2n)^3)
+    # composition: teacher LARGE-crop token i against composed student cell j
+    comp_logits = torch.einsum("bei,bej->bij", teacher_dense[B:], composed) / 0.07
+    comp_targets = _gaussian_targets(OFFSETS, N, compose=True, radius=1)
+    # decomposition: teacher SMALL-crop token s against decomposed student cell k
+    decomp_logits = torch.einsum("bes,bek->bsk", teacher_dense[:B], decomposed) / 0.07
+    decomp_targets = _gaussian_targets(OFFSETS, N, compose=False, radius=2)
+    assert comp_targets.amax() == 1 and (comp_targets.sum(-1) == 0).any()
+    comp = _balanced_bce(comp_logits, comp_targets, 0.9)
+    decomp = _balanced_bce(decomp_logits, decomp_targets, 0.99)
+    torch.testing.assert_close(out["parts"]["comp"], comp)
+    torch.testing.assert_close(out["parts"]["decomp"], decomp)
+    total = 0.1 * out["parts"]["global"] + 0.5 * (comp + decomp)
+    torch.testing.assert_close(out["loss"].detach(), total)
+
+
+def test_bottleneck_weights_count_the_share_of_tokens_in_the_overlap():
+    # first axis of sample 0: d = -2 -> small tokens 2, 3 in the overlap -> bottleneck tokens (0, 1) have shares (0, 1)
+    small_axes, large_axes = _in_overlap(OFFSETS, N)
+    assert small_axes[0][0] == [False, False, True, True]
+    assert large_axes[0][2] == [False, False, False, True]  # d = 6: large token 3 only -> shares (0, 1/2)
+    method = build_ace(backbone="vit", grid_n=N, **{**TINY, "out_dim": K})
+    method.student = AceStudent(**_stub_parts(10), token_stride=16, global_stride=32)
+    small_mask = torch.zeros(1, N, N, N, dtype=torch.bool)
+    small_mask[0, 1, 2:, :2] = True  # shares: axis 0 (1/2, 0), axis 1 (0, 1), axis 2 (1, 0)
+    x = torch.randn(2, 1, 64, 64, 64)
+    method.student(x[:1], x[1:], small_mask, torch.ones(1, N, N, N, dtype=torch.bool))
+    f32 = method.student.backbone.outputs[0].features[1]
+    # sample 0: the one bottleneck token with a share > 0; sample 1 (all in the overlap): the plain mean
+    torch.testing.assert_close(method.student.dino_head.inputs[0][0], f32[0, :, 0, 1, 0])
+    torch.testing.assert_close(method.student.dino_head.inputs[0][1], f32[1].flatten(1).mean(1))
+
+
+# ---------------------------------------------------------------- the bundle
+@pytest.mark.parametrize("overrides", [{}, {"min_overlap": 4, "grid_n": 6}])
+def test_bundle_passes_every_setting_to_the_method_and_the_crops(overrides):
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "train.json"), str(BUNDLE / "smoke.json")])
+    parser.update(overrides)
+    method = parser.get_parsed_content("method")
+    want = {"backbone_size": "tiny", "grid_n": 4, "out_dim": 8192, "min_overlap": 2, **overrides}
+    assert method.config == AceConfig(**want)
+    crops = parser.get_parsed_content("train#preprocessing").transforms[0].cropper
+    assert (crops.n, crops.cell_size, crops.min_overlap) == (want["grid_n"], 16, want["min_overlap"])
+    assert parser.get_parsed_content("roi_size") == [want["grid_n"] * 16] * 3
+    # every parameter is trained (F6), so DDP needs no unused-parameter search; the prototypes freeze for an epoch
+    train = ConfigParser()
+    train.read_config(str(BUNDLE / "train.json"))
+    config = train.get("train#trainer#config")
+    assert "find_unused_parameters" not in config and config["freeze_last_layer_epochs"] == 1
 
 
 def test_teacher_temperature_warms_up():

@@ -5,34 +5,34 @@ from medssl3d.networks.compose import Composition, Decomposition, DenseHead, pix
 
 
 def _ramp(side):
-    """(1, 3, side, side, side): each token holds its own (z, y, x)."""
+    """(1, 3, side, side, side): each token holds its own index along the last three axes."""
     axis = torch.arange(side, dtype=torch.float32)
     return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"))[None]
 
 
-def test_unfold_puts_block_member_dz_dy_dx_in_channel_block_of_that_raster_index():
+def test_unfold_puts_block_member_o0_o1_o2_in_channel_block_of_that_raster_index():
     x = _ramp(4)
     blocks = unfold_2x2x2(x)
     assert blocks.shape == (1, 24, 2, 2, 2)
-    for z, y, x_ in [(0, 0, 0), (1, 0, 1), (1, 1, 0)]:
-        for dz in (0, 1):
-            for dy in (0, 1):
-                for dx in (0, 1):
-                    member = (dz * 2 + dy) * 2 + dx
-                    got = blocks[0, member * 3 : member * 3 + 3, z, y, x_]
-                    want = torch.tensor([2 * z + dz, 2 * y + dy, 2 * x_ + dx], dtype=torch.float32)
+    for u0, u1, u2 in [(0, 0, 0), (1, 0, 1), (1, 1, 0)]:
+        for o0 in (0, 1):
+            for o1 in (0, 1):
+                for o2 in (0, 1):
+                    member = (o0 * 2 + o1) * 2 + o2
+                    got = blocks[0, member * 3 : member * 3 + 3, u0, u1, u2]
+                    want = torch.tensor([2 * u0 + o0, 2 * u1 + o1, 2 * u2 + o2], dtype=torch.float32)
                     torch.testing.assert_close(got, want)
 
 
 def test_pixel_shuffle_places_channel_block_at_its_sub_cell():
-    # Token (z, y, x) of a 2^3 map carries, in block (dz, dy, dx), the coordinates of sub-cell 2*(z,y,x)+(dz,dy,dx):
+    # Token u of a 2^3 map carries, in block (o0, o1, o2), the coordinates of sub-cell 2 u + (o0, o1, o2):
     # the shuffled map must then be the ramp of the fine grid.
     coarse = _ramp(2)
     blocks = []
-    for dz in (0, 1):
-        for dy in (0, 1):
-            for dx in (0, 1):
-                blocks.append(2 * coarse + torch.tensor([dz, dy, dx], dtype=torch.float32).view(1, 3, 1, 1, 1))
+    for o0 in (0, 1):
+        for o1 in (0, 1):
+            for o2 in (0, 1):
+                blocks.append(2 * coarse + torch.tensor([o0, o1, o2], dtype=torch.float32).view(1, 3, 1, 1, 1))
     fine = pixel_shuffle_3d(torch.cat(blocks, dim=1))
     torch.testing.assert_close(fine, _ramp(4))
 
@@ -79,26 +79,41 @@ def test_composition_is_local_to_its_block():
     assert changed.nonzero().tolist() == [[1, 1, 0]]
 
 
-def test_dense_head_gives_unit_tokens_in_raster_order_and_uses_batch_stats_in_eval():
+def _bn_relu(y):
+    """Training-mode BatchNorm (weight 1, bias 0) over every token of every sample, then ReLU; y (B, C, D, H, W)."""
+    mean = y.mean(dim=(0, 2, 3, 4), keepdim=True)
+    var = y.var(dim=(0, 2, 3, 4), keepdim=True, unbiased=False)
+    return torch.relu((y - mean) / torch.sqrt(var + 1e-5))
+
+
+def test_dense_head_known_answer_conv_bn_relu_blocks_then_l2():
+    torch.manual_seed(0)
+    head = DenseHead(4, hidden_dim=6, out_dim=5, n_layers=2)
+    x = torch.randn(2, 4, 3, 2, 4)
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features, m.bias) for m in linears] == [(4, 6, None), (6, 5, None)]
+    # by hand, as 1x1x1 convolutions on the map
+    y = x
+    for m in linears:
+        y = _bn_relu(torch.einsum("oc,bcdhw->bodhw", m.weight, y))
+    want = y / y.norm(dim=1, keepdim=True)
+    out = head(x)
+    assert out.shape == (2, 5, 3, 2, 4)
+    torch.testing.assert_close(out, want)
+    assert (out >= 0).all()  # the last block ends in a ReLU, as in the official head
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(2, 3, 2, 4))
+
+
+def test_dense_head_uses_batch_statistics_in_eval_mode_too():
     torch.manual_seed(0)
     head = DenseHead(8, hidden_dim=16, out_dim=5)
     x = torch.randn(2, 8, 3, 2, 4)
     out = head(x)
-    assert out.shape == (2, 24, 5)
-    torch.testing.assert_close(out.norm(dim=-1), torch.ones(2, 24))
-    # no running statistics: eval mode gives the same output as training mode
     torch.testing.assert_close(head.eval()(x), out)
     assert not any("running" in name for name, _ in head.named_buffers())
+    assert len([m for m in head.modules() if isinstance(m, torch.nn.BatchNorm1d)]) == 3
 
 
-def test_dense_head_token_order_is_the_zyx_raster():
-    torch.manual_seed(0)
-    head = DenseHead(3, out_dim=3, n_layers=1)
-    with torch.no_grad():
-        head.net[0].weight.copy_(torch.eye(3))
-        head.net[0].bias.zero_()
-    x = torch.rand(1, 3, 2, 3, 4) + 0.1
-    out = head(x)
-    for z, y, x_ in [(0, 0, 0), (1, 2, 3), (0, 1, 2)]:
-        t = (z * 3 + y) * 4 + x_
-        torch.testing.assert_close(out[0, t], torch.nn.functional.normalize(x[0, :, z, y, x_], dim=0))
+def test_dense_head_rejects_no_layers():
+    with pytest.raises(ValueError, match="n_layers"):
+        DenseHead(4, n_layers=0)

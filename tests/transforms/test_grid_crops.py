@@ -16,7 +16,7 @@ SHAPE = (48, 52, 44)
 
 
 def _ramp(shape):
-    """(3, D, H, W): every voxel holds its own (z, y, x) coordinates."""
+    """(3, *shape): every voxel holds its own index along each of the three spatial axes."""
     axes = [torch.arange(s, dtype=torch.float32) for s in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))
 
@@ -120,15 +120,23 @@ def test_decomposition_matches_cover_the_same_voxels_on_a_coordinate_ramp():
     assert checked > 0
 
 
-def test_every_allowed_offset_is_drawn_on_a_large_volume():
-    t = RandGridCropPair(n=N, cell_size=C, min_overlap=2)
+@pytest.mark.parametrize(
+    ("n", "min_overlap", "offsets"),
+    [
+        (N, 2, {-2, 0, 2, 4, 6}),
+        (N, 3, {0, 2, 4}),  # overlaps are even: 3 cells round up to 4
+        (6, 4, {-2, 0, 2, 4, 6, 8}),  # the high_overlap preset: >= 4 of 6 cells (the official 2x design: >= 10 of 14)
+    ],
+)
+def test_every_allowed_offset_is_drawn_on_a_large_volume(n, min_overlap, offsets):
+    t = RandGridCropPair(n=n, cell_size=C, min_overlap=min_overlap)
     t.set_random_state(seed=0)
     seen = set()
     for _ in range(300):
         t.randomize((200, 200, 200))
         seen.update(t.geometry.offset)
     # even d in [min_overlap - n, 2n - min_overlap]
-    assert seen == {-2, 0, 2, 4, 6}
+    assert seen == offsets
 
 
 def test_small_volume_is_padded_and_crops_nest():
@@ -166,9 +174,9 @@ def test_batched_masks_agree_with_per_sample_geometry():
     offsets = torch.tensor([[-2, 0, 6], [4, 2, -2]])
     small, large = overlap_masks(offsets, N)
     assert small.shape == large.shape == (2, N, N, N)
-    # axis z of sample 0: d = -2 -> small tokens 2, 3 and large token 0 are in the overlap
+    # first axis (R) of sample 0: d = -2 -> small tokens 2, 3 and large token 0 are in the overlap
     assert small[0, :, 0, 0].tolist() == [False, False, True, True]
-    assert large[0, :, 0, 3].tolist() == [True, False, False, False]  # x: d = 6 -> large token 3 only
+    assert large[0, :, 0, 3].tolist() == [True, False, False, False]  # last axis (S): d = 6 -> large token 3 only
     assert not large[0, :, 0, :3].any()
     centres, valid = matched_cells(offsets, N, "compose")
     assert centres.shape == (2, N**3, 3) and valid.shape == (2, N**3)
