@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 __all__ = ["DEFAULT_LAMBDA", "BarlowTwinsLoss"]
 
-DEFAULT_LAMBDA = 5e-3  # weight of the off-diagonal terms (methods.md §3, the paper's value)
+DEFAULT_LAMBDA = 5e-3  # weight of the off-diagonal terms (docs/methods.md, section "DiRA-3D"; the paper's value)
 DEFAULT_EPS = 1e-5  # BatchNorm1d's eps, as the original normalises with a parameter-free BatchNorm
 MIN_BATCH = 2  # the per-feature standardisation over the batch needs two samples
 

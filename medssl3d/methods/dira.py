@@ -1,34 +1,40 @@
-"""DiRA-3D: discriminative, restorative and adversarial learning in one encoder–decoder (methods.md §3).
+"""DiRA-3D: discriminative, restorative and adversarial learning in one encoder–decoder.
 
-Haghighi et al., "DiRA: Discriminative, Restorative, and Adversarial Learning for Self-supervised
-Medical Image Analysis", CVPR 2022 (published in 2D; this is the 3D port). Two crops of one
-volume are distorted with the Models-Genesis chain (:mod:`medssl3d.transforms.genesis`); one
-encoder–decoder (SwinUNETR layout, or MONAI's BasicUNet preset) sees both distorted views as one
-batch and
+The reference is ``docs/methods.md`` (section "DiRA-3D"). Haghighi et al., "DiRA: Discriminative,
+Restorative, and Adversarial Learning for Self-supervised Medical Image Analysis", CVPR 2022
+(published in 2D; this is the 3D port). Two crops of one volume are distorted
+(:mod:`medssl3d.transforms.genesis`: the Models-Genesis chain by default, official DiRA's exclusive
+mix as the ``distortion`` option); one encoder–decoder (SwinUNETR layout, or MONAI's BasicUNet
+preset) sees both distorted views as one batch and
 
 - discriminates them from the mean-pooled bottleneck through a projector: ``moco`` (momentum key
-  encoder and a queue of keys, InfoNCE, symmetrised over the two views), ``barlow`` (Barlow Twins)
-  or ``simsiam`` (predictor, stop-gradient, negative cosine);
+  encoder and a queue of keys, InfoNCE, symmetrised over the two views: query of view 1 against
+  the key of view 2 and the reverse; queued keys of the query's own volume are not negatives),
+  ``barlow`` (Barlow Twins) or ``simsiam`` (predictor, stop-gradient, negative cosine);
 - restores the undistorted crops (sigmoid output, MSE);
 - in stage ``dira``, fools a 3D PatchGAN discriminator (least squares), which the engine trains
   with its own Adam as an auxiliary objective on the detached restorations.
 
-``L = 1·L_dis + 10·L_res + 0.001·L_adv``. Stage ``dir`` has no discriminator; stage ``dira`` starts
-from a ``dir`` checkpoint with :func:`init_from_checkpoint`. The momentum encoder is updated in
-``forward`` (before its keys are computed, as MoCo does) with ``moco_momentum``, so the engine's
-EMA schedule does not apply to it.
+``L = 1·L_dis + 10·L_res + 0.001·L_adv``. Stage ``dir`` (the default) has no discriminator; stage
+``dira`` starts from a ``dir`` checkpoint with :func:`init_from_checkpoint`. The momentum encoder
+is updated in ``forward`` with ``moco_momentum``, once per optimizer step (on the step's first
+micro-batch, before its keys are computed, as MoCo does), so the engine's EMA schedule does not
+apply to it. Volumes are (B, C, X, Y, Z): after the presets' ``Orientationd("RAS")`` the spatial
+axes run left→right, posterior→anterior and inferior→superior.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from monai.transforms import (
     Compose,
@@ -51,21 +57,21 @@ from medssl3d.losses.moco import DEFAULT_QUEUE_SIZE, DEFAULT_TEMPERATURE, MoCoLo
 from medssl3d.methods import presets
 from medssl3d.methods.base import Auxiliary, SSLMethod, StepInfo, make_teacher
 from medssl3d.networks.backbones import Backbone, SwinBackbone
-from medssl3d.networks.patchgan import DEFAULT_BASE_CHANNELS, DEFAULT_NUM_LAYERS, PatchDiscriminator3D
-from medssl3d.networks.unet3d import DEFAULT_UNET_FEATURES, UNetBackbone
-from medssl3d.transforms.genesis import (
-    DEFAULT_BEZIER_PROB,
-    DEFAULT_INPAINT_RATE,
-    DEFAULT_PAINT_PROB,
-    DEFAULT_SHUFFLE_PROB,
-    genesis_distortions,
+from medssl3d.networks.patchgan import (
+    DEFAULT_BASE_CHANNELS,
+    DEFAULT_NUM_LAYERS,
+    PATCHGAN_VARIANTS,
+    PatchDiscriminator3D,
 )
+from medssl3d.networks.unet3d import DEFAULT_UNET_FEATURES, UNetBackbone
+from medssl3d.transforms.genesis import DISTORTIONS, distortions
 from medssl3d.transforms.views import (
     DEFAULT_INTENSITY_PROB,
     DEFAULT_SCALE_FACTOR,
     DEFAULT_SHIFT_OFFSET,
     VIEW_KEYS,
 )
+from medssl3d.transforms.volume_id import DEFAULT_VOLUME_KEY, VolumeIdd
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +85,7 @@ __all__ = [
     "DiraKeyEncoder",
     "DiraStudent",
     "build_dira",
+    "check_standardisation_batch",
     "config_from_yaml",
     "dira_transforms",
     "init_from_checkpoint",
@@ -94,14 +101,20 @@ DEFAULT_DIRA_ROI = (96, 96, 96)
 DEFAULT_SCALE_RANGE = (0.75, 1.25)  # crop side before resizing to the roi, per axis, relative to the roi
 DEFAULT_FLIP_PROB = 0.5
 DEFAULT_FLIP_AXES = (0, 1, 2)
+# Fewest rows a standardisation over the batch (BatchNorm in the barlow / simsiam projectors, Barlow
+# Twins' per-feature standardisation) may run over. At 2 rows every standardised value is ±1 (Barlow's
+# |C_ij| are all ≈ 1); chance correlations of unrelated features shrink like 1/sqrt(rows), about 0.25
+# at 16. A floor against degenerate statistics, not a recommendation: the originals use 256 or more.
+DEFAULT_MIN_STANDARDISE_BATCH = 16
 
 
 @dataclass(frozen=True)
 class DiraConfig:
-    """Hyper-parameters of :class:`DiRA` (defaults: methods.md §3 at Swin ``base`` size).
+    """Hyper-parameters of :class:`DiRA` (defaults: ``docs/methods.md``, section "DiRA-3D", at Swin ``base`` size).
 
     Attributes:
-        stage: "dir" (discriminative + restorative warm-up) or "dira" (adversary on).
+        stage: "dir" (discriminative + restorative warm-up, the default) or "dira" (adversary on; start
+            it from a ``dir`` checkpoint with :func:`init_from_checkpoint`).
         variant: discriminative branch, "moco", "barlow" or "simsiam".
         network: encoder–decoder, "swin" (SwinUNETR layout) or "unet" (MONAI BasicUNet).
         backbone_size: Swin size, "tiny" / "small" / "base" (feature_size 12 / 24 / 48).
@@ -117,8 +130,10 @@ class DiraConfig:
         barlow_lambda: Barlow Twins off-diagonal weight.
         simsiam_dim: SimSiam embedding width.
         simsiam_pred_dim: SimSiam predictor bottleneck width.
-        gather_distributed: under DDP, MoCo enqueues every rank's keys and Barlow Twins correlates
-            over the global batch (only when a process group is initialised).
+        gather_distributed: under DDP, MoCo enqueues every rank's keys (and volume ids) and Barlow Twins
+            correlates over the global batch (only when a process group is initialised).
+        min_standardise_batch: fewest rows the ``barlow`` / ``simsiam`` standardisations may run over
+            (see :func:`check_standardisation_batch`); ``moco`` has none.
         dis_weight: weight of the discriminative loss.
         res_weight: weight of the restoration MSE.
         adv_weight: weight of the generator's adversarial loss (stage "dira").
@@ -127,11 +142,19 @@ class DiraConfig:
         disc_lr: the discriminator's Adam learning rate.
         disc_betas: the discriminator's Adam betas.
         disc_clip_grad: gradient-norm clip of the discriminator (None: off).
+        disc_variant: the PatchGAN's kernel and initialisation, "pix2pix" (kernel 4, PyTorch's default
+            init) or "official" (official DiRA's kernel 3 and N(0, 0.02) weights).
+        distortion: the distortion mix of the views (passed to :func:`dira_transforms` through
+            :meth:`view_kwargs`): "genesis" (the Models-Genesis chain) or "exclusive" (official DiRA's
+            one-of in-painting 0.30, out-painting 0.05, local shuffling 0.30, none 0.35).
         view_keys: batch keys of the two undistorted views (the restoration targets).
         input_postfix: ``view_key + input_postfix`` is the distorted view fed to the network.
+        volume_key: batch key of the source volumes' ids (B,) (written by :func:`dira_transforms`);
+            the MoCo queue never uses keys of a query's own volume as negatives. None: no ids, every
+            queued key is a negative (MoCo's own behaviour).
     """
 
-    stage: str = "dira"
+    stage: str = "dir"
     variant: str = "moco"
     network: str = "swin"
     backbone_size: str = "base"
@@ -148,6 +171,7 @@ class DiraConfig:
     simsiam_dim: int = 2048
     simsiam_pred_dim: int = 512
     gather_distributed: bool = True
+    min_standardise_batch: int = DEFAULT_MIN_STANDARDISE_BATCH
     dis_weight: float = 1.0
     res_weight: float = 10.0
     adv_weight: float = 0.001
@@ -156,23 +180,29 @@ class DiraConfig:
     disc_lr: float = 2e-4
     disc_betas: tuple[float, float] = (0.5, 0.999)
     disc_clip_grad: float | None = None
+    disc_variant: str = "pix2pix"
+    distortion: str = "genesis"
     view_keys: tuple[str, ...] = VIEW_KEYS
     input_postfix: str = DISTORTED_POSTFIX
+    volume_key: str | None = DEFAULT_VOLUME_KEY
 
     def __post_init__(self) -> None:
         # YAML / JSON give lists: store tuples so the config stays hashable.
         object.__setattr__(self, "view_keys", tuple(self.view_keys))
         object.__setattr__(self, "unet_features", tuple(int(f) for f in self.unet_features))
         object.__setattr__(self, "disc_betas", tuple(float(b) for b in self.disc_betas))
-        for name, allowed in (("stage", STAGES), ("variant", VARIANTS), ("network", NETWORKS)):
+        for name, allowed in (("stage", STAGES), ("variant", VARIANTS), ("network", NETWORKS),
+                              ("disc_variant", tuple(PATCHGAN_VARIANTS)), ("distortion", tuple(DISTORTIONS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if len(self.view_keys) != NUM_VIEWS or len(set(self.view_keys)) != NUM_VIEWS:
             raise ValueError(f"view_keys must be {NUM_VIEWS} different keys, got {self.view_keys}")
         if not self.input_postfix:
             raise ValueError("input_postfix must be non-empty, otherwise the restoration target is overwritten")
+        if self.volume_key is not None and (not self.volume_key or self.volume_key in self.view_keys):
+            raise ValueError(f"volume_key must be None or a key other than the views', got {self.volume_key!r}")
         for name in ("in_channels", "proj_hidden_dim", "moco_dim", "moco_queue_size", "barlow_dim",
-                     "simsiam_dim", "simsiam_pred_dim", "disc_channels", "disc_layers"):
+                     "simsiam_dim", "simsiam_pred_dim", "disc_channels", "disc_layers", "min_standardise_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("moco_temperature", "disc_lr"):
@@ -185,6 +215,53 @@ class DiraConfig:
             raise ValueError(f"moco_momentum must be in [0, 1], got {self.moco_momentum}")
         if len(self.disc_betas) != 2:
             raise ValueError(f"disc_betas must be a pair, got {self.disc_betas}")
+
+    def view_kwargs(self) -> dict[str, Any]:
+        """The fields :func:`dira_transforms` must agree on, as its keyword arguments (a bundle passes them)."""
+        return {"view_keys": self.view_keys, "input_postfix": self.input_postfix, "distortion": self.distortion,
+                "volume_key": self.volume_key}
+
+
+def check_standardisation_batch(config: DiraConfig, batch_size: int, world_size: int = 1) -> None:
+    """Refuse a batch too small for the standardisations of the ``barlow`` and ``simsiam`` variants.
+
+    Two standardisations run over the batch, and each needs ``config.min_standardise_batch`` rows:
+
+    - the BatchNorm layers of the ``barlow`` / ``simsiam`` projectors, over the 2 × ``batch_size``
+      rows (both views) of one process: they are not synchronised across processes;
+    - Barlow Twins' per-feature standardisation, over ``batch_size`` × ``world_size`` crop pairs
+      (every rank's embeddings are gathered with ``gather_distributed``; ``world_size`` counts as 1
+      without it).
+
+    Gradient accumulation does not help: both are computed per micro-batch. ``moco`` passes always.
+
+    Args:
+        config: the method's hyper-parameters.
+        batch_size: crop pairs per process and micro-batch.
+        world_size: number of processes.
+
+    Raises:
+        ValueError: fewer rows than ``min_standardise_batch`` (the message names the setting to raise).
+    """
+    if config.variant == "moco":
+        return
+    least = config.min_standardise_batch
+    world = world_size if config.gather_distributed else 1
+    pairs = batch_size * world
+    if config.variant == "barlow" and pairs < least:
+        raise ValueError(
+            f"dira variant 'barlow' standardises each feature over batch_size x world_size = {batch_size} x {world} "
+            f"= {pairs} crop pairs, fewer than min_standardise_batch = {least}; raise the batch size or the "
+            "number of processes (with gather_distributed on); gradient accumulation does not help"
+        )
+    rows = NUM_VIEWS * batch_size
+    if rows < least:
+        raise ValueError(
+            f"dira variant {config.variant!r}: its projector's BatchNorm normalises over {NUM_VIEWS} x batch_size = "
+            f"{NUM_VIEWS} x {batch_size} = {rows} rows of one process (not synchronised across processes), fewer "
+            f"than min_standardise_batch = {least}; set the per-process batch_size to at least "
+            f"{math.ceil(least / NUM_VIEWS)} (or use variant 'moco')"
+        )
 
 
 def config_from_yaml(path: str | os.PathLike, preset: str = "base", **overrides: Any) -> DiraConfig:
@@ -243,10 +320,10 @@ class DiraStudent(nn.Module):
         """Encode, project and restore.
 
         Args:
-            x: distorted views (B, C, D, H, W), sides divisible by 32 (Swin) or 16 (U-Net).
+            x: distorted views (B, C, X, Y, Z), sides divisible by 32 (Swin) or 16 (U-Net).
 
         Returns:
-            ``embedding`` (B, E) from the mean-pooled bottleneck, ``restoration`` (B, C, D, H, W) in
+            ``embedding`` (B, E) from the mean-pooled bottleneck, ``restoration`` (B, C, X, Y, Z) in
             (0, 1), and for SimSiam ``prediction`` (B, E).
         """
         out = self.backbone(x)
@@ -266,7 +343,7 @@ class DiraKeyEncoder(nn.Module):
         self.projector = _projector(config, self.backbone.embed_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Keys (B, moco_dim) of ``x`` (B, C, D, H, W)."""
+        """Keys (B, moco_dim) of ``x`` (B, C, X, Y, Z)."""
         return self.projector(self.backbone(x).tokens.mean(dim=1))
 
 
@@ -275,11 +352,11 @@ class DiRA(SSLMethod):
     """DiRA-3D (discriminative + restorative [+ adversarial]).
 
     The batch (from :func:`dira_transforms`) holds, for both view keys ``v``, the undistorted view
-    ``v`` (B, C, D, H, W) (the restoration target) and its distorted copy ``v + "_distorted"`` (the
+    ``v`` (B, C, X, Y, Z) (the restoration target) and its distorted copy ``v + "_distorted"`` (the
     input). Both views run through the student as one batch of 2B.
 
     Args:
-        config: hyper-parameters; the defaults are methods.md §3.
+        config: hyper-parameters; the defaults are ``docs/methods.md`` (section "DiRA-3D").
     """
 
     name = "dira"
@@ -301,7 +378,8 @@ class DiRA(SSLMethod):
         elif cfg.variant == "barlow":
             self.barlow_loss = BarlowTwinsLoss(cfg.barlow_lambda, gather_distributed=cfg.gather_distributed)
         self.discriminator = (
-            PatchDiscriminator3D(cfg.in_channels, cfg.disc_channels, cfg.disc_layers) if cfg.stage == "dira" else None
+            PatchDiscriminator3D.from_variant(cfg.disc_variant, cfg.in_channels, cfg.disc_channels, cfg.disc_layers)
+            if cfg.stage == "dira" else None
         )
         self.adversarial_loss = LSGANLoss()
 
@@ -330,7 +408,7 @@ class DiRA(SSLMethod):
         return []
 
     # ---------------------------------------------------------------- losses
-    def _discriminative(self, inputs: Tensor, out: dict[str, Tensor]) -> Tensor:
+    def _discriminative(self, inputs: Tensor, out: dict[str, Tensor], ids: Tensor | None, step: StepInfo) -> Tensor:
         z1, z2 = out["embedding"].chunk(NUM_VIEWS)
         variant = self.config.variant
         if variant == "barlow":
@@ -340,38 +418,52 @@ class DiRA(SSLMethod):
             cos = F.cosine_similarity
             return -0.5 * (cos(p1, z2.detach(), dim=1).mean() + cos(p2, z1.detach(), dim=1).mean())
         with torch.no_grad():
-            if self.training:
+            if self.training and step.micro_batch == 0:  # once per optimizer step, before the keys
                 self.momentum_update()
             k1, k2 = self.teacher(inputs).chunk(NUM_VIEWS)
-        loss = 0.5 * (self.moco_loss(z1, k2) + self.moco_loss(z2, k1))
+        loss = 0.5 * (self.moco_loss(z1, k2, ids) + self.moco_loss(z2, k1, ids))
         if self.training:
-            self.moco_loss.enqueue(torch.cat([k1, k2]))
+            self.moco_loss.enqueue(torch.cat([k1, k2]), None if ids is None else torch.cat([ids, ids]))
         return loss
+
+    def _volume_ids(self, batch: dict[str, Any], batch_size: int) -> Tensor | None:
+        key = self.config.volume_key
+        if key is None or self.config.variant != "moco":
+            return None
+        ids = torch.as_tensor(batch[key]).reshape(-1)
+        if ids.shape[0] != batch_size:
+            raise ValueError(f"batch[{key!r}] must hold one volume id per sample ({batch_size}), got {ids.shape[0]}")
+        return ids
 
     def forward(self, batch: dict[str, Any], step: StepInfo) -> dict[str, Any]:
         """Compute the weighted total.
 
         Args:
-            batch: ``{v: (B, C, D, H, W), v + input_postfix: (B, C, D, H, W)}`` for both view keys ``v``.
-            step: unused (no schedule in this method).
+            batch: ``{v: (B, C, X, Y, Z), v + input_postfix: (B, C, X, Y, Z)}`` for both view keys ``v``,
+                and (``moco`` with a ``volume_key``) ``{volume_key: (B,)}`` source-volume ids.
+            step: ``micro_batch`` 0 moves the momentum encoder (once per optimizer step).
 
         Returns:
             ``{"loss", "parts": {"dis", "res"[, "adv"]}, "fake": restorations, "real": targets}``
-            (parts unweighted and detached; ``fake`` / ``real`` (2B, C, D, H, W) detached, for the
+            (parts unweighted and detached; ``fake`` / ``real`` (2B, C, X, Y, Z) detached, for the
             discriminator's step).
 
         Raises:
             KeyError: a batch key is missing (the message lists the batch's keys).
+            ValueError: a batch too small for the variant (:func:`check_standardisation_batch`).
         """
         cfg = self.config
         try:
             inputs = torch.cat([batch[f"{v}{cfg.input_postfix}"] for v in cfg.view_keys])
             targets = torch.cat([batch[v] for v in cfg.view_keys])
+            ids = self._volume_ids(batch, inputs.shape[0] // NUM_VIEWS)
         except KeyError as e:
             raise KeyError(f"dira batch lacks {e}; it has {sorted(batch)}") from e
+        distributed = dist.is_available() and dist.is_initialized()
+        check_standardisation_batch(cfg, inputs.shape[0] // NUM_VIEWS, dist.get_world_size() if distributed else 1)
         out = self.run_student(inputs)
         restored = out["restoration"]
-        dis = self._discriminative(inputs, out)
+        dis = self._discriminative(inputs, out, ids, step)
         res = self.restoration_loss(restored, targets)
         loss = cfg.dis_weight * dis + cfg.res_weight * res
         parts = {"dis": dis.detach(), "res": res.detach()}
@@ -407,13 +499,22 @@ class DiRA(SSLMethod):
         ]
 
 
-def build_dira(**cfg: Any) -> DiRA:
+def build_dira(*, batch_size: int | None = None, world_size: int = 1, **cfg: Any) -> DiRA:
     """Build :class:`DiRA` from :class:`DiraConfig` fields (a bundle's ``_target_``).
 
+    Args:
+        batch_size: the loader's per-process batch size; when given, it is checked against the variant
+            at once (:func:`check_standardisation_batch`), not at the first step.
+        world_size: number of processes the run will have (torchrun's ``WORLD_SIZE``).
+        **cfg: :class:`DiraConfig` fields.
+
     Raises:
-        ValueError: an unknown field or a bad value.
+        ValueError: an unknown field, a bad value, or a batch too small for the variant.
     """
-    return DiRA(presets.config_from_kwargs(DiraConfig, **cfg))
+    config = presets.config_from_kwargs(DiraConfig, **cfg)
+    if batch_size is not None:
+        check_standardisation_batch(config, batch_size, world_size)
+    return DiRA(config)
 
 
 def init_from_checkpoint(method: DiRA, path: str | os.PathLike | None) -> DiRA:
@@ -462,46 +563,48 @@ def dira_transforms(
     source_key: str = "image",
     view_keys: Sequence[str] = VIEW_KEYS,
     input_postfix: str = DISTORTED_POSTFIX,
+    volume_key: str | None = DEFAULT_VOLUME_KEY,
+    distortion: str = "genesis",
+    distortion_probs: Mapping[str, float] | None = None,
     scale_range: tuple[float, float] = DEFAULT_SCALE_RANGE,
     flip_prob: float = DEFAULT_FLIP_PROB,
     flip_axes: Sequence[int] = DEFAULT_FLIP_AXES,
     intensity_prob: float = DEFAULT_INTENSITY_PROB,
     scale_factor: float = DEFAULT_SCALE_FACTOR,
     shift_offset: float = DEFAULT_SHIFT_OFFSET,
-    bezier_prob: float = DEFAULT_BEZIER_PROB,
-    shuffle_prob: float = DEFAULT_SHUFFLE_PROB,
-    paint_prob: float = DEFAULT_PAINT_PROB,
-    inpaint_rate: float = DEFAULT_INPAINT_RATE,
 ) -> Compose:
     """View generation of :class:`DiRA`, from a loaded, preprocessed volume to a training sample.
 
     For each view: a random crop whose sides are ``U(scale_range) * roi`` (per axis), resized to
     ``roi`` (trilinear), random flips; this is the restoration target ``v``. Its copy
-    ``v + input_postfix`` then gets intensity jitter (scale and shift) and the Models-Genesis
-    distortions (:func:`~medssl3d.transforms.genesis.genesis_distortions`). The source is dropped
-    and MetaTensors become plain tensors.
+    ``v + input_postfix`` then gets intensity jitter (scale and shift) and the distortion mix
+    ``distortion`` (:func:`~medssl3d.transforms.genesis.distortions`). The source volume's id goes
+    under ``volume_key`` (:class:`~medssl3d.transforms.volume_id.VolumeIdd`), the source is dropped
+    and MetaTensors become plain tensors. Pass the method's ``config.view_kwargs()`` so that keys and
+    mix agree with it.
 
     Args:
-        roi: view size (D, H, W).
-        source_key: key of the volume (1, D, H, W), intensities in [0, 1] (a data preset's output).
+        roi: view size, one side per spatial axis (R, A, S after the presets' RAS orientation).
+        source_key: key of the volume (1, X, Y, Z), intensities in [0, 1] (a data preset's output).
         view_keys: the two view keys.
         input_postfix: suffix of the distorted views' keys.
+        volume_key: key of the source volume's id (None: none written).
+        distortion: the mix, "genesis" (Models-Genesis chain) or "exclusive" (official DiRA's).
+        distortion_probs: probabilities of the mix that differ from its defaults, e.g.
+            ``{"bezier_prob": 0.0}`` for "genesis" or ``{"shuffle_prob": 0.5}`` for "exclusive".
         scale_range: (low, high) crop side relative to ``roi`` before the resize.
         flip_prob: probability of flipping along each of ``flip_axes``.
         flip_axes: spatial axes that may be flipped.
         intensity_prob: probability of each of the scale and shift jitters.
         scale_factor: intensities multiplied by ``1 + U(-scale_factor, scale_factor)``.
         shift_offset: intensities shifted by ``U(-shift_offset, shift_offset)``.
-        bezier_prob: probability of the Bézier remap.
-        shuffle_prob: probability of the local shuffling.
-        paint_prob: probability of painting (in- or out-).
-        inpaint_rate: share of in-painting among paintings.
 
     Returns:
-        A ``Compose`` giving ``{v: (1, *roi), v + input_postfix: (1, *roi)}`` for each view key ``v``.
+        A ``Compose`` giving ``{v: (1, *roi), v + input_postfix: (1, *roi)}`` for each view key ``v``,
+        and ``{volume_key: ()}`` (an int64 id).
 
     Raises:
-        ValueError: a bad ``roi`` or ``scale_range``.
+        ValueError: a bad ``roi``, ``scale_range``, ``distortion`` or probability.
     """
     roi = tuple(int(s) for s in roi)
     lo, hi = (float(s) for s in scale_range)
@@ -521,12 +624,12 @@ def dira_transforms(
             CopyItemsd(keys=v, names=distorted),
             RandScaleIntensityd(keys=distorted, factors=scale_factor, prob=intensity_prob),
             RandShiftIntensityd(keys=distorted, offsets=shift_offset, prob=intensity_prob),
-            genesis_distortions(distorted, bezier_prob=bezier_prob, shuffle_prob=shuffle_prob,
-                                paint_prob=paint_prob, inpaint_rate=inpaint_rate),
+            distortions(distortion, distorted, **dict(distortion_probs or {})),
         ]
     keys = [k for v in view_keys for k in (v, f"{v}{input_postfix}")]
     return Compose(
         [
+            *([] if volume_key is None else [VolumeIdd(source_key, volume_key)]),
             SpatialPadd(keys=source_key, spatial_size=largest),
             CopyItemsd(keys=source_key, times=len(view_keys), names=list(view_keys)),
             *per_view,

@@ -59,7 +59,7 @@ class UNetBackbone(Backbone):
         """Run the encoder levels.
 
         Args:
-            x: ``(B, C_in, D, H, W)`` with D, H, W divisible by 16.
+            x: ``(B, C_in, X, Y, Z)`` (R, A, S axes after RAS orientation), every side divisible by 16.
 
         Returns:
             features: the five level outputs (strides 1 .. 16), tokens: the last one flattened to
@@ -79,7 +79,7 @@ class UNetBackbone(Backbone):
         return BackboneOutput(tokens=tokens, features=feats, strides=self.strides, hidden_states=feats)
 
     def decode(self, x: Tensor, out: BackboneOutput) -> Tensor:
-        """``BasicUNet``'s decoder on precomputed levels: ``(B, features[5], D, H, W)`` before its out conv.
+        """``BasicUNet``'s decoder on precomputed levels: ``(B, features[5], X, Y, Z)`` before its out conv.
 
         Raises:
             RuntimeError: built with ``with_decoder=False``.

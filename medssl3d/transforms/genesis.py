@@ -1,6 +1,7 @@
 """The 3D Models-Genesis distortions (Zhou et al., MedIA 2021) as MONAI random transforms.
 
-A distorted copy of a volume is restored by the network (DiRA's restorative branch, methods.md §3):
+A distorted copy of a volume is restored by the network (DiRA's restorative branch, ``docs/methods.md``,
+section "DiRA-3D"):
 
 - :class:`RandBezierIntensity`: non-linear intensity remap by a random monotone cubic Bézier curve;
 - :class:`RandLocalShuffle`: voxels shuffled inside small cubes;
@@ -9,9 +10,18 @@ A distorted copy of a volume is restored by the network (DiRA's restorative bran
 
 Each has a dict twin (``...d``) that draws once and applies the same distortion to every key; the
 keys are distorted in place, so the undistorted target must live under another key (copy it
-first; :func:`genesis_distortions` does not touch any other key). Intensities are expected in
-[0, 1] (the presets' range). Every draw goes through ``self.R``; the work is vectorised (a loop
-runs only over the handful of painted boxes, each rasterised at once).
+first; the mixes below do not touch any other key). Intensities are expected in [0, 1] (the
+presets' range). Every draw goes through ``self.R``; the work is vectorised (a loop runs only
+over the handful of painted boxes, each rasterised at once). Volumes are (C, X, Y, Z): after the
+presets' ``Orientationd("RAS")`` the three spatial axes run left→right, posterior→anterior and
+inferior→superior; none of these distortions depends on the direction of an axis.
+
+Two mixes, named in :data:`DISTORTIONS`:
+
+- ``"genesis"`` (:func:`genesis_distortions`, the default of ``docs/methods.md``): the Models-Genesis
+  chain, Bézier remap, then local shuffling, then in- or out-painting, each drawn on its own;
+- ``"exclusive"`` (:func:`exclusive_distortions`, official DiRA's mix): exactly one of in-painting,
+  out-painting, local shuffling or nothing, and no intensity remap.
 
 Differences from the original code, all deliberate: the Bézier curve is made monotone (sorted
 control points) as methods.md asks, the original's "flip" (a decreasing curve) kept with
@@ -22,7 +32,7 @@ draws at least one box.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -44,15 +54,22 @@ __all__ = [
     "RandLocalShuffled",
     "RandOutPaint",
     "RandOutPaintd",
+    "DISTORTIONS",
     "bezier_lookup",
+    "distortions",
+    "exclusive_distortions",
     "genesis_distortions",
 ]
 
-# Probabilities of methods.md §3 (Models Genesis' nonlinear_rate, local_rate, paint_rate, inpaint_rate).
+# Probabilities of the "genesis" mix (Models Genesis' nonlinear_rate, local_rate, paint_rate, inpaint_rate).
 DEFAULT_BEZIER_PROB = 0.9
 DEFAULT_SHUFFLE_PROB = 0.5
 DEFAULT_PAINT_PROB = 0.9
 DEFAULT_INPAINT_RATE = 0.2  # in-painting with 0.9 * 0.2, out-painting with 0.9 * 0.8
+# Probabilities of the "exclusive" mix (official DiRA's Custom_Distoration); nothing with the rest, 0.35.
+DEFAULT_EXCLUSIVE_INPAINT_PROB = 0.30
+DEFAULT_EXCLUSIVE_OUTPAINT_PROB = 0.05
+DEFAULT_EXCLUSIVE_SHUFFLE_PROB = 0.30
 DEFAULT_INVERT_PROB = 0.5  # Models Genesis flips the curve half of the time ("Half change to get flip")
 DEFAULT_CURVE_SAMPLES = 1000  # the curve is sampled here and interpolated piecewise-linearly
 # Cube sides are drawn in [1, max(1, floor(0.1 * side))] voxels per axis, as the original's blocks.
@@ -140,7 +157,7 @@ class RandBezierIntensity(RandomizableTransform):
         self.curve = bezier_lookup(inner[0], inner[1], self.n_samples, invert=bool(invert))
 
     def __call__(self, img, randomize: bool = True):
-        """Return the remapped copy of ``img`` (C, D, H, W) (or ``img`` unchanged when not drawn)."""
+        """Return the remapped copy of ``img`` (C, X, Y, Z) (or ``img`` unchanged when not drawn)."""
         if randomize:
             self.randomize()
         if not self._do_transform:
@@ -160,7 +177,8 @@ class RandLocalShuffle(RandomizableTransform):
     ``shuffle_fraction`` of the cubes each get an independent random permutation of their voxels,
     the same permutation for every channel. Cubes never overlap, so every shuffled cube keeps
     its multiset of values. After a call, :attr:`cube` is the cube size, :attr:`offset` the grid
-    offset and :attr:`selected` a bool array over the grid ``(nz, ny, nx)`` of shuffled cubes.
+    offset and :attr:`selected` a bool array over the grid of cubes (cubes along each spatial axis,
+    in the volume's axis order) marking the shuffled ones.
 
     Args:
         prob: probability of shuffling.
@@ -201,7 +219,7 @@ class RandLocalShuffle(RandomizableTransform):
         self._perm = np.argsort(self.R.uniform(size=(n_sel, n_vox)), axis=1)
 
     def __call__(self, img, randomize: bool = True):
-        """Return a shuffled copy of ``img`` (C, D, H, W) (or ``img`` unchanged when not drawn)."""
+        """Return a shuffled copy of ``img`` (C, X, Y, Z) (or ``img`` unchanged when not drawn)."""
         if randomize:
             self.randomize(img.shape[1:])
         if not self._do_transform:
@@ -261,7 +279,7 @@ class _RandPaint(RandomizableTransform):
         return np.clip(np.round(frac * sizes), 1, sizes).astype(np.int64)
 
     def randomize(self, shape: Sequence[int]) -> None:
-        """Draw the boxes and the noise for a volume of ``shape`` (C, D, H, W)."""
+        """Draw the boxes and the noise for a volume of ``shape`` (C, X, Y, Z)."""
         super().randomize(None)
         if not self._do_transform:
             return
@@ -301,7 +319,7 @@ class RandInPaint(_RandPaint):
 
     Draws 1 to ``max_boxes`` boxes (each further one with probability ``continue_prob``), sides
     in ``size_range`` of each axis, ``margin`` voxels from the border where they fit. Only voxels
-    inside the boxes change. After a call, :attr:`mask` (D, H, W) marks the filled voxels and
+    inside the boxes change. After a call, :attr:`mask` (the spatial shape) marks the filled voxels and
     :attr:`boxes` holds them as ``(n, ndim, 2)`` start / stop indices.
 
     Args:
@@ -318,7 +336,7 @@ class RandInPaint(_RandPaint):
         super().__init__(prob, tuple(size_range), max_boxes, continue_prob, margin)
 
     def __call__(self, img, randomize: bool = True):
-        """Return an in-painted copy of ``img`` (C, D, H, W) (or ``img`` unchanged when not drawn)."""
+        """Return an in-painted copy of ``img`` (C, X, Y, Z) (or ``img`` unchanged when not drawn)."""
         if randomize:
             self.randomize(img.shape)
         if not self._do_transform:
@@ -348,7 +366,7 @@ class RandOutPaint(_RandPaint):
         super().__init__(prob, (1.0 - hi, 1.0 - lo), max_boxes, continue_prob, margin)
 
     def __call__(self, img, randomize: bool = True):
-        """Return an out-painted copy of ``img`` (C, D, H, W) (or ``img`` unchanged when not drawn)."""
+        """Return an out-painted copy of ``img`` (C, X, Y, Z) (or ``img`` unchanged when not drawn)."""
         if randomize:
             self.randomize(img.shape)
         if not self._do_transform:
@@ -390,7 +408,7 @@ class RandBezierIntensityd(_Distortiond):
     """Dict twin of :class:`RandBezierIntensity` (one curve for every key).
 
     Args:
-        keys: keys of the (C, D, H, W) volumes to remap in place.
+        keys: keys of the (C, X, Y, Z) volumes to remap in place.
         allow_missing_keys: don't raise if a key is missing.
         **kwargs: :class:`RandBezierIntensity` arguments.
     """
@@ -406,7 +424,7 @@ class RandLocalShuffled(_Distortiond):
     """Dict twin of :class:`RandLocalShuffle` (the same cubes and permutations for every key).
 
     Args:
-        keys: keys of the (C, D, H, W) volumes to shuffle in place (one spatial shape).
+        keys: keys of the (C, X, Y, Z) volumes to shuffle in place (one spatial shape).
         allow_missing_keys: don't raise if a key is missing.
         **kwargs: :class:`RandLocalShuffle` arguments.
     """
@@ -422,7 +440,7 @@ class RandInPaintd(_Distortiond):
     """Dict twin of :class:`RandInPaint` (the same boxes and noise for every key).
 
     Args:
-        keys: keys of the (C, D, H, W) volumes to paint in place (one shape).
+        keys: keys of the (C, X, Y, Z) volumes to paint in place (one shape).
         allow_missing_keys: don't raise if a key is missing.
         **kwargs: :class:`RandInPaint` arguments.
     """
@@ -438,7 +456,7 @@ class RandOutPaintd(_Distortiond):
     """Dict twin of :class:`RandOutPaint` (the same boxes and noise for every key).
 
     Args:
-        keys: keys of the (C, D, H, W) volumes to paint in place (one shape).
+        keys: keys of the (C, X, Y, Z) volumes to paint in place (one shape).
         allow_missing_keys: don't raise if a key is missing.
         **kwargs: :class:`RandOutPaint` arguments.
     """
@@ -450,6 +468,12 @@ class RandOutPaintd(_Distortiond):
         self.transform.randomize(img.shape)
 
 
+def _check_probabilities(**probs: float) -> None:
+    for name, p in probs.items():
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
+
+
 def genesis_distortions(
     keys: KeysCollection,
     *,
@@ -458,7 +482,7 @@ def genesis_distortions(
     paint_prob: float = DEFAULT_PAINT_PROB,
     inpaint_rate: float = DEFAULT_INPAINT_RATE,
 ) -> Compose:
-    """The Models-Genesis chain of methods.md §3 on ``keys``, in place.
+    """The Models-Genesis chain on ``keys``, in place (the default of ``docs/methods.md``, section "DiRA-3D").
 
     Bézier remap (``bezier_prob``), local shuffling (``shuffle_prob``), then either in-painting
     (probability ``paint_prob * inpaint_rate``) or out-painting (``paint_prob * (1 - inpaint_rate)``),
@@ -467,12 +491,57 @@ def genesis_distortions(
     Raises:
         ValueError: a probability outside [0, 1].
     """
-    for name, p in (("bezier_prob", bezier_prob), ("shuffle_prob", shuffle_prob),
-                    ("paint_prob", paint_prob), ("inpaint_rate", inpaint_rate)):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {p}")
+    _check_probabilities(bezier_prob=bezier_prob, shuffle_prob=shuffle_prob, paint_prob=paint_prob,
+                         inpaint_rate=inpaint_rate)
     paint = OneOf(
         [RandInPaintd(keys), RandOutPaintd(keys), Identityd(keys)],
         weights=[paint_prob * inpaint_rate, paint_prob * (1.0 - inpaint_rate), 1.0 - paint_prob],
     )
     return Compose([RandBezierIntensityd(keys, prob=bezier_prob), RandLocalShuffled(keys, prob=shuffle_prob), paint])
+
+
+def exclusive_distortions(
+    keys: KeysCollection,
+    *,
+    inpaint_prob: float = DEFAULT_EXCLUSIVE_INPAINT_PROB,
+    outpaint_prob: float = DEFAULT_EXCLUSIVE_OUTPAINT_PROB,
+    shuffle_prob: float = DEFAULT_EXCLUSIVE_SHUFFLE_PROB,
+) -> OneOf:
+    """Official DiRA's mix on ``keys``, in place: exactly one of in-painting, out-painting, shuffling or nothing.
+
+    Each call draws one branch (a MONAI ``OneOf`` drawn from its ``self.R``): in-painting with
+    ``inpaint_prob``, out-painting with ``outpaint_prob``, local shuffling with ``shuffle_prob``,
+    and no distortion with the rest (0.35 by default). There is no intensity remap. The branches
+    are this module's 3D transforms with their Models-Genesis box sizes and uniform-noise fill,
+    not the 2D original's zero-filled cut-outs and swapped blocks.
+
+    Raises:
+        ValueError: a probability outside [0, 1], or probabilities summing to more than 1.
+    """
+    _check_probabilities(inpaint_prob=inpaint_prob, outpaint_prob=outpaint_prob, shuffle_prob=shuffle_prob)
+    total = inpaint_prob + outpaint_prob + shuffle_prob
+    if total > 1.0:
+        raise ValueError(f"inpaint_prob + outpaint_prob + shuffle_prob must be <= 1, got {total}")
+    return OneOf(
+        [RandInPaintd(keys), RandOutPaintd(keys), RandLocalShuffled(keys, prob=1.0), Identityd(keys)],
+        weights=[inpaint_prob, outpaint_prob, shuffle_prob, 1.0 - total],
+    )
+
+
+# The named mixes, each a function ``(keys, **probabilities) -> transform``.
+DISTORTIONS: dict[str, Callable[..., Compose | OneOf]] = {
+    "genesis": genesis_distortions,
+    "exclusive": exclusive_distortions,
+}
+
+
+def distortions(name: str, keys: KeysCollection, **probabilities: float) -> Compose | OneOf:
+    """The mix ``name`` of :data:`DISTORTIONS` on ``keys``, with its probabilities overridden by ``probabilities``.
+
+    Raises:
+        ValueError: an unknown ``name`` (the known ones are listed) or a bad probability.
+        TypeError: a probability the mix does not have.
+    """
+    if name not in DISTORTIONS:
+        raise ValueError(f"distortion must be one of {sorted(DISTORTIONS)}, got {name!r}")
+    return DISTORTIONS[name](keys, **probabilities)

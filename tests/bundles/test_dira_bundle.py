@@ -1,16 +1,66 @@
-"""The DiRA bundle's two stages back to back through ConfigWorkflow at smoke size, and the dira stage's resume."""
+"""The DiRA bundle: method settings reach the views, small batches are refused, and the two stages run back to back."""
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from medssl3d.engine.checkpoint import load_checkpoint
+from medssl3d.transforms.genesis import RandBezierIntensityd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "dira"
+
+
+def _parser(smoke_dir: Path, **overrides) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / f"{n}.json") for n in ("train", "smoke")])
+    parser.update({"bundle_root": str(BUNDLE), "smoke_dir": str(smoke_dir), **overrides})
+    return parser
+
+
+def _leaves(transform):
+    """Every transform inside nested Compose / OneOf, and those containers themselves."""
+    yield transform
+    for t in getattr(transform, "transforms", ()):
+        yield from _leaves(t)
+
+
+@pytest.mark.parametrize("distortion", ["genesis", "exclusive"])
+def test_the_distortion_setting_reaches_the_method_and_the_views(tmp_path, distortion):
+    parser = _parser(tmp_path, distortion=distortion)
+    assert parser.get_parsed_content("method").config.distortion == distortion
+    leaves = list(_leaves(parser.get_parsed_content("train#preprocessing")))
+    exclusive = [t for t in leaves if type(t).__name__ == "OneOf" and len(t.transforms) == 4]
+    has_bezier = any(isinstance(t, RandBezierIntensityd) for t in leaves)
+    if distortion == "exclusive":  # one mix per view, official DiRA's probabilities, no intensity remap
+        assert len(exclusive) == 2 and not has_bezier
+        for mix in exclusive:
+            np.testing.assert_allclose(mix.weights, [0.30, 0.05, 0.30, 0.35])
+    else:
+        assert exclusive == [] and has_bezier
+
+
+def test_samples_carry_their_volume_id(tmp_path):
+    dataset = _parser(tmp_path).get_parsed_content("train#dataset")
+    ids = [int(dataset[i]["volume_id"]) for i in range(len(dataset))]
+    assert len(dataset) > 1 and len(set(ids)) == len(ids)  # one id per volume
+    assert int(dataset[0]["volume_id"]) == ids[0]  # and the same at every access
+
+
+@pytest.mark.parametrize(("variant", "message"), [("barlow", "batch_size x world_size = 2 x 1 = 2"),
+                                                  ("simsiam", "2 x batch_size = 2 x 2 = 4 rows")])
+def test_a_batch_too_small_for_the_variant_is_refused_when_the_method_is_built(tmp_path, variant, message):
+    parser = _parser(tmp_path, variant=variant)
+    with pytest.raises(RuntimeError) as err:
+        parser.get_parsed_content("method")
+    assert isinstance(err.value.__cause__, ValueError) and message in str(err.value.__cause__)
+    assert "min_standardise_batch = 16" in str(err.value.__cause__)
+    parser = _parser(tmp_path, variant=variant, **{"method_def#min_standardise_batch": 2})
+    assert parser.get_parsed_content("method").config.variant == variant
 
 
 def _workflow(smoke_dir: Path, stage: str, max_steps: int) -> ConfigWorkflow:

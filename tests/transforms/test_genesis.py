@@ -14,6 +14,8 @@ from medssl3d.transforms.genesis import (
     RandOutPaint,
     RandOutPaintd,
     bezier_lookup,
+    distortions,
+    exclusive_distortions,
     genesis_distortions,
 )
 
@@ -179,6 +181,10 @@ def test_bad_arguments_raise_value_error():
         RandInPaint(max_boxes=0)
     with pytest.raises(ValueError, match="paint_prob"):
         genesis_distortions("image", paint_prob=1.5)
+    with pytest.raises(ValueError, match="must be <= 1"):
+        exclusive_distortions("image", inpaint_prob=0.6, shuffle_prob=0.6)
+    with pytest.raises(ValueError, match="'mild'"):
+        distortions("mild", "image")
 
 
 def test_local_shuffle_with_one_voxel_thick_cubes_keeps_the_voxels():
@@ -188,3 +194,30 @@ def test_local_shuffle_with_one_voxel_thick_cubes_keeps_the_voxels():
     img = torch.rand(1, 64, 64, 64)
     out = t(img)
     assert torch.equal(out.flatten().sort().values, img.flatten().sort().values)
+
+
+def test_exclusive_mix_applies_exactly_one_distortion_with_the_official_probabilities():
+    mix = distortions("exclusive", "image")
+    assert [type(t).__name__ for t in mix.transforms] == ["RandInPaintd", "RandOutPaintd", "RandLocalShuffled",
+                                                         "Identityd"]
+    np.testing.assert_allclose(mix.weights, [0.30, 0.05, 0.30, 0.35])
+    mix.set_random_state(0)
+    x = _volume((1, 32, 32, 32))
+    kinds = []
+    for _ in range(300):
+        out = mix({"image": x})["image"]
+        if torch.equal(out, x):
+            kinds.append("none")  # never an intensity remap: an undistorted view is the view itself
+        elif torch.equal(out.flatten().sort().values, x.flatten().sort().values):
+            kinds.append("shuffle")  # a permutation only: no painting on top
+        else:  # boxes keep 3 voxels from the border: only out-painting changes the corner voxel
+            kinds.append("outpaint" if out[0, 0, 0, 0] != x[0, 0, 0, 0] else "inpaint")
+    freq = {k: kinds.count(k) / len(kinds) for k in ("inpaint", "outpaint", "shuffle", "none")}
+    for kind, p in zip(freq, (0.30, 0.05, 0.30, 0.35), strict=True):
+        assert abs(freq[kind] - p) < 0.07, freq
+
+
+def test_named_mixes_take_their_probabilities():
+    genesis = distortions("genesis", "image", bezier_prob=0.25)
+    assert genesis.transforms[0].transform.prob == 0.25
+    np.testing.assert_allclose(distortions("exclusive", "image", shuffle_prob=0.5).weights, [0.3, 0.05, 0.5, 0.15])
