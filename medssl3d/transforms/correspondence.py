@@ -1,11 +1,13 @@
 """Correspondence providers: map a point of a query volume to the matching point of a key volume.
 
-Alice (methods.md §1, step 3) crops two *different* volumes around anatomically corresponding
-points. Every provider implements one interface, ``provider(vol_q, vol_k, p) -> (p', score)``:
-``p`` is a voxel position in the query volume (array index order of the last three axes),
-``p'`` the corresponding position in the key volume (floats; it may fall outside the key volume,
-crops are padded), and ``score`` a confidence in ``[0, 1]`` that the retry loop of
-:class:`~medssl3d.transforms.paired_crops.RandCorrespondingCropsd` compares with its threshold.
+Alice (``docs/methods.md``, section "Alice", view step 3) crops two *different* volumes around
+anatomically corresponding points. Every provider implements one interface,
+``provider(vol_q, vol_k, p) -> (p', score)``: ``p`` is a voxel position in the query volume (array
+index order of the last three axes: after ``Orientationd("RAS")`` left→right, posterior→anterior,
+inferior→superior, an (x, y, z) order), ``p'`` the corresponding position in the key volume (floats;
+it may fall outside the key volume, crops are padded), and ``score`` a confidence in ``[0, 1]`` that
+the retry loop of :class:`~medssl3d.transforms.paired_crops.RandCorrespondingCropsd` compares with
+its threshold.
 
 This module holds the interface, the volume record every provider receives, the shared local
 normalised cross-correlation score, and the two providers that need no fitting:
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 DEFAULT_CROP = (96, 96, 96)
-"""Crop side in voxels (methods.md §1 step 4, Swin default)."""
+"""Crop side in voxels (``docs/methods.md``, section "Alice", view step 4; the Swin default)."""
 DEFAULT_FOREGROUND_THRESHOLD = 0.0
 """Scaled intensity above which a voxel is body: the CT preset maps HU -125 (the window's low end) to 0."""
 DEFAULT_MAX_SHIFT = 0.25
@@ -49,6 +51,8 @@ DEFAULT_NCC_STRIDE = 4
 """Local NCC is computed on every 4th voxel of the crop-sized patches (64x fewer voxels, same extent)."""
 NCC_EPS = 1e-6
 """Patches with a smaller intensity standard deviation are flat: their NCC is 0."""
+NCC_MIN_FRACTION = 0.1
+"""Local NCC needs this fraction of the sampled voxel pairs to count (inside both volumes, one of them body), else 0."""
 
 
 @dataclass(eq=False)
@@ -56,7 +60,8 @@ class Volume:
     """One preprocessed volume as providers see it.
 
     Attributes:
-        array: intensities ``(D, H, W)`` float32 (a preset's output, e.g. [0, 1]).
+        array: intensities ``(D, H, W)`` float32 (a preset's output, e.g. [0, 1]); after the presets'
+            ``Orientationd("RAS")`` the axes run left→right, posterior→anterior, inferior→superior.
         spacing: voxel size in mm along the three array axes.
         case_id: a stable name of the case (file path) for on-disk caches; None when unknown.
     """
@@ -167,16 +172,25 @@ def local_ncc(
     p_k: Sequence[float],
     size: Sequence[int] = DEFAULT_CROP,
     stride: int = DEFAULT_NCC_STRIDE,
+    foreground_threshold: float = DEFAULT_FOREGROUND_THRESHOLD,
 ) -> float:
-    """Normalised cross-correlation of the two crops around ``p`` and ``p_k``, clipped to ``[0, 1]``.
+    """Normalised cross-correlation of the two crops around ``p`` and ``p_k`` over the body, clipped to ``[0, 1]``.
 
-    Both patches are ``size`` voxels (padded with 0, the presets' background), sampled every
-    ``stride`` voxels. Flat patches score 0.
+    Both patches are ``size`` voxels, sampled every ``stride`` voxels. A pair of voxels counts when both
+    lie inside their volumes (not in the crop's padding) and at least one of them is above
+    ``foreground_threshold``: air against air and padding, which correlate whenever the body outlines
+    line up, are left out, so the score measures the content. Fewer than ``NCC_MIN_FRACTION`` of the
+    sampled pairs counting, or a flat patch, scores 0.
     """
-    a, _ = extract_patch(vol_q.array, p, size, stride)
-    b, _ = extract_patch(vol_k.array, p_k, size, stride)
-    a = a.astype(np.float64).ravel() - a.mean()
-    b = b.astype(np.float64).ravel() - b.mean()
+    a, _ = extract_patch(vol_q.array, p, size, stride, fill=np.nan)
+    b, _ = extract_patch(vol_k.array, p_k, size, stride, fill=np.nan)
+    # comparisons with NaN (padding) are False
+    counted = ~np.isnan(a) & ~np.isnan(b) & ((a > foreground_threshold) | (b > foreground_threshold))
+    if counted.sum() < max(NCC_MIN_FRACTION * counted.size, 2):
+        return 0.0
+    a = a[counted].astype(np.float64)
+    b = b[counted].astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()
     den = np.sqrt((a * a).mean() * (b * b).mean())
     if den < NCC_EPS**2:
         return 0.0
@@ -239,11 +253,12 @@ class SameVolumeProvider(CorrespondenceProvider, Randomizable):
 class BodyBoxProvider(CorrespondenceProvider):
     """The fractional position of ``p`` in Q's foreground box, mapped into K's foreground box.
 
-    Exact when K is Q scaled and shifted along the axes. The score is :func:`local_ncc` of the two crops.
+    Exact when K is Q scaled and shifted along the axes. The score is :func:`local_ncc` of the two crops
+    (over the body).
     The boxes of the last pair of volumes are remembered (the retry loop calls with one pair many times).
 
     Args:
-        foreground_threshold: intensity above which a voxel is body.
+        foreground_threshold: intensity above which a voxel is body (the box, and the voxels the NCC counts).
         crop_size: crop side in voxels for the NCC score.
         ncc_stride: sampling stride of the NCC score.
     """
@@ -282,4 +297,4 @@ class BodyBoxProvider(CorrespondenceProvider):
     def __call__(self, vol_q: Volume, vol_k: Volume, p: np.ndarray) -> tuple[np.ndarray, float]:
         """Map ``p`` box to box and score the pair by local NCC."""
         p_k = self.map_point(vol_q, vol_k, p)
-        return p_k, local_ncc(vol_q, p, vol_k, p_k, self.crop_size, self.ncc_stride)
+        return p_k, local_ncc(vol_q, p, vol_k, p_k, self.crop_size, self.ncc_stride, self.foreground_threshold)

@@ -1,4 +1,4 @@
-"""Block masking of a crop for masked-image modelling (methods.md §1 step 5).
+"""Block masking of a crop for masked-image modelling (``docs/methods.md``, section "Alice", view step 5).
 
 The crop is split into cubic blocks (16³ voxels) and a fixed fraction of them (75 %) is masked:
 either independent 3D blocks (``mode="block"``, the default) or whole columns of blocks along one
@@ -24,7 +24,7 @@ MASK_MODES = ("block", "column")
 DEFAULT_MASK_RATIO = 0.75
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_COLUMN_AXIS = 2
-"""Columns run along the last array axis (superior-inferior after RAS orientation), as the original."""
+"""Columns run along the last array axis (inferior→superior after RAS orientation), as the original's z columns."""
 
 
 class RandBlockMask(RandomizableTransform):
@@ -39,7 +39,8 @@ class RandBlockMask(RandomizableTransform):
         ratio: fraction of blocks to mask, in [0, 1].
         block_size: block side in voxels.
         mode: ``"block"`` or ``"column"``.
-        column_axis: spatial axis (0, 1, 2) the columns run along.
+        column_axis: spatial array axis (0, 1, 2) the columns run along; after RAS orientation 0 runs
+            left→right, 1 posterior→anterior, 2 inferior→superior.
         fill: value of masked voxels.
 
     Raises:

@@ -1,6 +1,6 @@
 """Paired crops of two volumes around corresponding points, and the dataset that pairs volumes.
 
-methods.md §1 steps 2-4. A point ``p`` is drawn in the query volume's foreground, a
+``docs/methods.md`` (section "Alice"), view steps 2-4. A point ``p`` is drawn in the query volume's foreground, a
 correspondence provider maps it to ``p'`` in the key volume with a score; while the score is
 below ``threshold`` a new ``p`` is drawn, up to ``max_tries`` times, after which the best pair
 seen is used. Crops of ``roi_size`` voxels are cut around ``p`` and ``p'`` (padded where they
@@ -82,7 +82,7 @@ def sample_foreground_point(
 
 
 def crop_around(image: torch.Tensor, center: np.ndarray, roi: Sequence[int], fill: float) -> torch.Tensor:
-    """``roi`` crop of ``image`` (C, D, H, W) around ``center``, padded with ``fill``; the affine follows."""
+    """``roi`` crop of ``image`` ``(C, *spatial)`` around ``center``, padded with ``fill``; the affine follows."""
     patch, start = extract_patch(image.as_tensor() if isinstance(image, MetaTensor) else image, center, roi, 1, fill)
     if not isinstance(image, MetaTensor):
         return patch
@@ -92,12 +92,13 @@ def crop_around(image: torch.Tensor, center: np.ndarray, roi: Sequence[int], fil
 
 
 class RandCorrespondingCropsd(Randomizable, MapTransform):
-    """Crop the query and key volumes around corresponding points (the retry loop of methods.md §1).
+    """Crop the query and key volumes around corresponding points (the retry loop of ``docs/methods.md``, "Alice").
 
     Args:
         provider: the correspondence provider; randomised providers (``Randomizable``) are seeded
             with this transform.
-        roi_size: crop side in voxels (D, H, W).
+        roi_size: crop side in voxels along the three array axes (after RAS: left→right, posterior→anterior,
+            inferior→superior).
         query_key: item key of the query volume ``(1, D, H, W)``.
         key_key: item key of the key volume; ignored (the query is used) when the provider does not
             need a key volume.
@@ -288,7 +289,8 @@ def build_provider(
     Args:
         name: one of :data:`PROVIDER_NAMES`.
         roi_size: crop side (the NCC / overlap scores use it).
-        foreground_threshold: body threshold (body_box, and the feature provider's body_box fallback).
+        foreground_threshold: body threshold (the body_box box, the voxels the NCC scores count, the feature
+            provider's centre cells and its body_box fallback).
         template: registration template (a ``(1, D, H, W)`` image or :class:`Volume`); required for
             ``registration``.
         cache_dir: registration cache folder.
@@ -308,8 +310,10 @@ def build_provider(
     if name == "registration":
         if template is None:
             raise ValueError("the registration provider needs a template volume")
-        return RegistrationProvider(template, crop_size=roi, cache_dir=cache_dir, **kwargs)
+        return RegistrationProvider(
+            template, crop_size=roi, cache_dir=cache_dir, foreground_threshold=foreground_threshold, **kwargs
+        )
     if name == "feature":
         fallback = BodyBoxProvider(foreground_threshold=foreground_threshold, crop_size=roi)
-        return FeatureProvider(fallback, **kwargs)
+        return FeatureProvider(fallback, foreground_threshold=foreground_threshold, **kwargs)
     raise ValueError(f"unknown correspondence provider {name!r}; expected one of {PROVIDER_NAMES}")

@@ -1,10 +1,11 @@
 """Registration correspondence provider: every case registered once to a template, cached on disk.
 
-methods.md §1 step 3: each volume is registered to a template with SimpleITK (affine, optionally
-followed by a B-spline) at a coarse spacing; the transform of a case is computed once and cached
-(in memory and, with ``cache_dir``, on disk, written atomically so DataLoader workers and DDP ranks
-can share the folder). A point ``p`` of Q maps to the template by Q's transform and back into K by
-the inverse of K's transform; the score is the local NCC of the two crops.
+``docs/methods.md`` (section "Alice", view step 3): each volume is registered to a template with
+SimpleITK (affine, optionally followed by a B-spline) at a coarse spacing; the transform of a case
+is computed once and cached (in memory and, with ``cache_dir``, on disk, written atomically so
+DataLoader workers and DDP ranks can share the folder). A point ``p`` of Q maps to the template by
+Q's transform and back into K by the inverse of K's transform; the score is the local NCC of the two
+crops over the body.
 
 Coordinates are millimetres ``index * spacing`` along the array axes (origin at voxel 0): the
 preprocessed volumes share one orientation, and the registration absorbs their different origins.
@@ -27,6 +28,7 @@ import SimpleITK as sitk
 
 from medssl3d.transforms.correspondence import (
     DEFAULT_CROP,
+    DEFAULT_FOREGROUND_THRESHOLD,
     DEFAULT_NCC_STRIDE,
     CorrespondenceProvider,
     Volume,
@@ -257,6 +259,7 @@ class RegistrationProvider(CorrespondenceProvider):
         cache_dir: folder of the on-disk cache (one ``.npz`` per case and setting); None: memory only.
         crop_size: crop side (voxels) of the NCC score.
         ncc_stride: sampling stride of the NCC score.
+        foreground_threshold: intensity above which a voxel is body (the voxels the NCC score counts).
         affine_iterations: see :func:`register_to_template`.
         bspline_iterations: see :func:`register_to_template`.
         bspline_mesh: see :func:`register_to_template`.
@@ -279,6 +282,7 @@ class RegistrationProvider(CorrespondenceProvider):
         cache_dir: str | os.PathLike | None = None,
         crop_size: Sequence[int] = DEFAULT_CROP,
         ncc_stride: int = DEFAULT_NCC_STRIDE,
+        foreground_threshold: float = DEFAULT_FOREGROUND_THRESHOLD,
         affine_iterations: int = DEFAULT_AFFINE_ITERATIONS,
         bspline_iterations: int = DEFAULT_BSPLINE_ITERATIONS,
         bspline_mesh: int = DEFAULT_BSPLINE_MESH,
@@ -297,6 +301,7 @@ class RegistrationProvider(CorrespondenceProvider):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.crop_size = tuple(int(s) for s in crop_size)
         self.ncc_stride = ncc_stride
+        self.foreground_threshold = foreground_threshold
         self.options = {
             "bspline": bspline,
             "affine_iterations": affine_iterations,
@@ -351,6 +356,6 @@ class RegistrationProvider(CorrespondenceProvider):
         return self.case_transform(vol_k).inverse(y) / np.asarray(vol_k.spacing)
 
     def __call__(self, vol_q: Volume, vol_k: Volume, p: np.ndarray) -> tuple[np.ndarray, float]:
-        """Map ``p`` through the template and score the pair by local NCC."""
+        """Map ``p`` through the template and score the pair by local NCC over the body."""
         p_k = self.map_point(vol_q, vol_k, p)
-        return p_k, local_ncc(vol_q, p, vol_k, p_k, self.crop_size, self.ncc_stride)
+        return p_k, local_ncc(vol_q, p, vol_k, p_k, self.crop_size, self.ncc_stride, self.foreground_threshold)

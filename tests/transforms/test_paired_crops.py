@@ -107,6 +107,11 @@ def test_paired_dataset_draws_another_case_reproducibly():
 def test_build_provider_names_and_errors():
     assert build_provider("same_volume", roi_size=ROI).needs_key_volume is False
     assert build_provider("feature", roi_size=ROI).fallback.name == "body_box"
+    # the body threshold reaches every provider that scores or centres over the body
+    template = _image(shape=(16, 16, 16))
+    for name in ("body_box", "registration", "feature"):
+        provider = build_provider(name, roi_size=ROI, foreground_threshold=0.4, template=template)
+        assert provider.foreground_threshold == 0.4, name
     with pytest.raises(ValueError, match="template"):
         build_provider("registration")
     with pytest.raises(ValueError, match="unknown"):

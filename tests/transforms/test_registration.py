@@ -4,7 +4,7 @@ import SimpleITK as sitk
 
 from medssl3d.data.phantoms import make_phantom
 from medssl3d.transforms import registration
-from medssl3d.transforms.correspondence import Volume
+from medssl3d.transforms.correspondence import Volume, local_ncc
 from medssl3d.transforms.registration import CaseTransform, RegistrationProvider
 
 SPACING = (1.5, 1.5, 1.5)
@@ -47,7 +47,10 @@ def test_points_map_within_two_voxels_of_a_known_affine(pair, bspline, tmp_path,
     mapped = [provider(vol_q, vol_k, p) for p in POINTS]
     for p, (p_k, score) in zip(POINTS, mapped, strict=True):
         assert np.abs(p_k - _truth(p)).max() < 2.0
-        assert 0.0 <= score <= 1.0
+        assert 0.7 <= score <= 1.0  # the body-only NCC accepts the true match...
+        wrong = p_k + np.array([10.0, 0.0, 0.0])  # ...not one 15 mm off
+        body = provider.foreground_threshold
+        assert local_ncc(vol_q, p, vol_k, wrong, provider.crop_size, foreground_threshold=body) < 0.5
     assert len(list(tmp_path.glob("*.npz"))) == 2  # one per case
 
     # a fresh provider (another worker) reads the cache instead of registering again
