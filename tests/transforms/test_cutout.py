@@ -94,10 +94,10 @@ def test_box_larger_than_cap_raises():
         RandCutout(max_fraction=0.01, max_block=0.5)(_image((1, 8, 8, 8)))
 
 
-def _boxes_by_hand(seed, shape, max_fraction=0.3, min_block=0.05, max_block=0.25, n=128):
+def _boxes_by_hand(seed, shape, max_fraction, min_fraction, min_block=0.05, max_block=0.25, n=128):
     """CutoutBoxes' draws, then the shortest prefix reaching the target, less a box that passes the cap."""
     rng = np.random.RandomState(seed)
-    target = rng.uniform(0.0, max_fraction)
+    target = rng.uniform(min_fraction, max_fraction)
     sizes = np.asarray(shape)
     sides = np.clip(np.floor(rng.uniform(min_block, max_block, size=(n, 3)) * sizes), 1, sizes).astype(int)
     starts = np.floor(rng.uniform(size=sides.shape) * (sizes - sides + 1)).astype(int)
@@ -109,14 +109,21 @@ def _boxes_by_hand(seed, shape, max_fraction=0.3, min_block=0.05, max_block=0.25
     return boxes[:k], _union_of_boxes(boxes[:k], shape), target
 
 
-def test_boxes_are_the_shortest_prefix_reaching_the_target_within_the_cap():
+@pytest.mark.parametrize("max_fraction, min_fraction", [(0.3, 0.0), (0.1, 0.1)])
+def test_boxes_are_the_shortest_prefix_reaching_the_target_within_the_cap(max_fraction, min_fraction):
+    # With the target at the cap (second case) the box reaching it nearly always overshoots and is dropped.
     shape = (16, 20, 12)
+    sampler = CutoutBoxes(max_fraction=max_fraction, min_fraction=min_fraction)
+    below_target = 0
     for seed in range(6):
-        boxes, mask, fraction = CutoutBoxes().draw(np.random.RandomState(seed), shape)
-        want_boxes, want_mask, target = _boxes_by_hand(seed, shape)
+        boxes, mask, fraction = sampler.draw(np.random.RandomState(seed), shape)
+        want_boxes, want_mask, target = _boxes_by_hand(seed, shape, max_fraction, min_fraction)
         np.testing.assert_array_equal(boxes, want_boxes)
         np.testing.assert_array_equal(mask, want_mask)
-        assert fraction == pytest.approx(want_mask.mean()) and fraction <= 0.3
+        assert fraction == pytest.approx(want_mask.mean()) and fraction <= max_fraction
+        below_target += fraction < target
+    if min_fraction == max_fraction:
+        assert below_target >= 4  # (a union may land exactly on the target)
 
 
 def _batch(b=4, shape=(1, 16, 16, 16)):
