@@ -219,6 +219,17 @@ def test_vit_forward_and_export_into_unetr():
 # Grid n = 4 (64^3 crops): token map at stride 16 (4^3), "bottleneck" at stride 32 (2^3).
 N, B, K, E, C16, C32 = 4, 2, 16, 5, 3, 4
 OFFSETS = torch.tensor([[-2, 0, 6], [4, 2, -2]])  # cells; each sample has tokens in and out of the overlap
+# The spec's numbers, written out here, and a second set where every one differs (a setting must reach its place).
+SPEC = {
+    "dense_temp": 0.07, "comp_alpha": 0.9, "decomp_alpha": 0.99, "comp_kernel": 3, "decomp_kernel": 5,
+    "comp_sigma": 1.0, "decomp_sigma": 1.0, "student_temp": 0.1, "teacher_temp": 0.04, "global_weight": 0.1,
+    "local_weight": 0.5,
+}  # fmt: skip
+OTHER = {
+    "dense_temp": 0.1, "comp_alpha": 0.8, "decomp_alpha": 0.95, "comp_kernel": 1, "decomp_kernel": 3,
+    "comp_sigma": 0.5, "decomp_sigma": 2.0, "student_temp": 0.2, "teacher_temp": 0.05, "global_weight": 0.2,
+    "local_weight": 0.3,
+}  # fmt: skip
 
 
 class Recorder(nn.Module):
@@ -257,11 +268,13 @@ def _stub_parts(seed):
     )
 
 
-@pytest.fixture(scope="module")
-def stubbed():
-    """An Ace whose student and teacher are stubs, run once on a batch with known offsets."""
+@pytest.fixture(scope="module", params=[{}, OTHER], ids=["spec", "other"])
+def stubbed(request):
+    """An Ace whose student and teacher are stubs, run once on a batch with known offsets; and its settings."""
     torch.manual_seed(0)
-    method = build_ace(backbone="vit", grid_n=N, **{**TINY, "out_dim": K})
+    settings = {**SPEC, **request.param}
+    overrides = {**request.param, "teacher_temp_start": settings["teacher_temp"]} if request.param else {}
+    method = build_ace(backbone="vit", grid_n=N, **{**TINY, "out_dim": K}, **overrides)
     method.student = AceStudent(**_stub_parts(10), token_stride=16, global_stride=32)
     teacher = _stub_parts(20)
     teacher.pop("composition"), teacher.pop("decomposition")
@@ -273,7 +286,7 @@ def stubbed():
         "grid_offset": OFFSETS,
     }
     out = method(batch, StepInfo(step=0, total_steps=10, epoch=0))
-    return method, batch, out
+    return method, batch, out, settings
 
 
 def _in_overlap(offset, n):
@@ -292,7 +305,7 @@ def _bottleneck_weights(per_axis):
     return torch.tensor(rows)
 
 
-def _gaussian_targets(offset, n, compose, radius):
+def _gaussian_targets(offset, n, compose, kernel, sigma):
     """By hand: row = teacher token, column = composed ((n/2)^3) or decomposed ((2n)^3) cell; 0 outside overlap."""
     side = n // 2 if compose else 2 * n
     out = torch.zeros(len(offset), n**3, side**3)
@@ -302,8 +315,9 @@ def _gaussian_targets(offset, n, compose, radius):
             if not all(0 <= c < side for c in centre):
                 continue
             for m, cell in enumerate(itertools.product(range(side), repeat=3)):
-                if all(abs(x - c) <= radius for x, c in zip(cell, centre, strict=True)):
-                    out[b, r, m] = math.exp(-sum((x - c) ** 2 for x, c in zip(cell, centre, strict=True)) / 2)
+                if all(abs(x - c) <= kernel // 2 for x, c in zip(cell, centre, strict=True)):
+                    squared = sum((x - c) ** 2 for x, c in zip(cell, centre, strict=True))
+                    out[b, r, m] = math.exp(-squared / (2 * sigma**2))
     return out
 
 
@@ -314,7 +328,7 @@ def _balanced_bce(logits, t, alpha):
 
 
 def test_student_and_teacher_backbones_see_both_augmented_crops(stubbed):
-    method, batch, _ = stubbed
+    method, batch, _, _ = stubbed
     crops = torch.cat([batch["image_small"], batch["image_large"]])
     for net in (method.student, method.teacher):
         assert len(net.backbone.inputs) == 1
@@ -322,7 +336,7 @@ def test_student_and_teacher_backbones_see_both_augmented_crops(stubbed):
 
 
 def test_dense_head_runs_on_tokens_in_both_networks_and_comp_decomp_on_the_students_dense_features(stubbed):
-    method, _, _ = stubbed
+    method, _, _, _ = stubbed
     s, t = method.student, method.teacher
     assert torch.equal(s.dense_head.inputs[0], s.backbone.outputs[0].features[0])  # the stride-16 token map
     assert torch.equal(t.dense_head.inputs[0], t.backbone.outputs[0].features[0])
@@ -332,7 +346,7 @@ def test_dense_head_runs_on_tokens_in_both_networks_and_comp_decomp_on_the_stude
 
 
 def test_global_term_is_crossed_dino_on_the_overlap_pooled_bottleneck(stubbed):
-    method, _, out = stubbed
+    method, _, out, cfg = stubbed
     small_axes, large_axes = _in_overlap(OFFSETS, N)
     weights = torch.cat([_bottleneck_weights(small_axes), _bottleneck_weights(large_axes)])  # (2B, 8)
     assert (weights[:B] > 0).any() and (weights[:B] < 1).any() and (weights[B:] > 0).any()
@@ -342,30 +356,31 @@ def test_global_term_is_crossed_dino_on_the_overlap_pooled_bottleneck(stubbed):
         torch.testing.assert_close(net.dino_head.inputs[0], pooled)
     s, t = method.student.dino_head.outputs[0], method.teacher.dino_head.outputs[0]
 
-    def h(teacher, student):  # the centre is 0 at the first step; tau_t 0.04, tau_s 0.1
-        return -(torch.softmax(teacher / 0.04, -1) * torch.log_softmax(student / 0.1, -1)).sum(-1).mean()
+    def h(teacher, student):  # the centre is 0 at the first step
+        p = torch.softmax(teacher / cfg["teacher_temp"], -1)
+        return -(p * torch.log_softmax(student / cfg["student_temp"], -1)).sum(-1).mean()
 
     want = (h(t[:B], s[B:]) + h(t[B:], s[:B])) / 2
     torch.testing.assert_close(out["parts"]["global"], want)
 
 
 def test_composition_and_decomposition_logits_targets_and_loss_by_hand(stubbed):
-    method, _, out = stubbed
+    method, _, out, cfg = stubbed
     teacher_dense = method.teacher.dense_head.outputs[0].flatten(2)  # (2B, E, n^3), small crops first
     composed = method.student.composition.outputs[0].flatten(2)  # (B, E, (n/2)^3)
     decomposed = method.student.decomposition.outputs[0].flatten(2)  # (B, E, (2n)^3)
     # composition: teacher LARGE-crop token i against composed student cell j
-    comp_logits = torch.einsum("bei,bej->bij", teacher_dense[B:], composed) / 0.07
-    comp_targets = _gaussian_targets(OFFSETS, N, compose=True, radius=1)
+    comp_logits = torch.einsum("bei,bej->bij", teacher_dense[B:], composed) / cfg["dense_temp"]
+    comp_targets = _gaussian_targets(OFFSETS, N, True, cfg["comp_kernel"], cfg["comp_sigma"])
     # decomposition: teacher SMALL-crop token s against decomposed student cell k
-    decomp_logits = torch.einsum("bes,bek->bsk", teacher_dense[:B], decomposed) / 0.07
-    decomp_targets = _gaussian_targets(OFFSETS, N, compose=False, radius=2)
+    decomp_logits = torch.einsum("bes,bek->bsk", teacher_dense[:B], decomposed) / cfg["dense_temp"]
+    decomp_targets = _gaussian_targets(OFFSETS, N, False, cfg["decomp_kernel"], cfg["decomp_sigma"])
     assert comp_targets.amax() == 1 and (comp_targets.sum(-1) == 0).any()
-    comp = _balanced_bce(comp_logits, comp_targets, 0.9)
-    decomp = _balanced_bce(decomp_logits, decomp_targets, 0.99)
+    comp = _balanced_bce(comp_logits, comp_targets, cfg["comp_alpha"])
+    decomp = _balanced_bce(decomp_logits, decomp_targets, cfg["decomp_alpha"])
     torch.testing.assert_close(out["parts"]["comp"], comp)
     torch.testing.assert_close(out["parts"]["decomp"], decomp)
-    total = 0.1 * out["parts"]["global"] + 0.5 * (comp + decomp)
+    total = cfg["global_weight"] * out["parts"]["global"] + cfg["local_weight"] * (comp + decomp)
     torch.testing.assert_close(out["loss"].detach(), total)
 
 
