@@ -63,6 +63,7 @@ class DINOLoss(nn.Module):
         student: Sequence[Tensor] | Tensor,
         teacher: Sequence[Tensor] | Tensor,
         teacher_temp: float = DEFAULT_TEACHER_TEMP,
+        update_center: bool = True,
     ) -> Tensor:
         """Compute the loss (and, in training mode, move the centre).
 
@@ -70,6 +71,8 @@ class DINOLoss(nn.Module):
             student: student logits per view, each ``(..., K)``.
             teacher: teacher logits per view, each ``(..., K)`` (detached inside).
             teacher_temp: ``τt`` (> 0), e.g. from a warm-up schedule.
+            update_center: move the centre after the loss (training mode only); False keeps it, e.g. on
+                every micro-batch of an accumulated step but the first, so that it moves once per step.
 
         Returns:
             The scalar loss.
@@ -91,7 +94,7 @@ class DINOLoss(nn.Module):
         targets = [F.softmax((t - self.center) / teacher_temp, dim=-1) for t in teacher]
         log_probs = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student]
         total = sum(-(targets[i] * log_probs[j]).sum(dim=-1).mean() for i, j in pairs)
-        if self.training:
+        if self.training and update_center:
             self.update_center(teacher)
         return total / len(pairs)
 

@@ -361,7 +361,8 @@ class Alice(SSLMethod):
 
         Args:
             batch: clean crops, masked crops and masks of both view keys (see the class docstring).
-            step: where training stands (τt schedule; the feature provider's warm-up).
+            step: where training stands (τt schedule; the feature provider's warm-up; the teacher centres
+                and the provider's teacher snapshot move on the first micro-batch of a step only).
 
         Returns:
             ``{"loss", "parts": {"inter", "intra", "recon", "teacher_temp"[, "pair_accept", "pair_score"]}}``
@@ -371,7 +372,8 @@ class Alice(SSLMethod):
             KeyError: a batch key is missing (the message lists the batch's keys).
         """
         cfg = self.config
-        if self.training and hasattr(self.provider, "update_teacher"):
+        first_micro_batch = step.micro_batch == 0
+        if self.training and first_micro_batch and hasattr(self.provider, "update_teacher"):
             self.provider.update_teacher(self.teacher["backbone"], step.step)
         try:
             clean = torch.cat([batch[v] for v in cfg.view_keys])
@@ -382,8 +384,9 @@ class Alice(SSLMethod):
         s = self.run_student(masked)
         t = self._teacher(clean, s["query"].detach())
         tau = self.teacher_temperature(step)
-        inter = self.cls_loss(list(s["cls"].chunk(NUM_VIEWS)), list(t["cls"].chunk(NUM_VIEWS)), tau)
-        intra = self.patch_loss(s["patch"], t["patch"], tau)
+        # the centres move once per optimizer step (on its first micro-batch), as without accumulation
+        inter = self.cls_loss(list(s["cls"].chunk(NUM_VIEWS)), list(t["cls"].chunk(NUM_VIEWS)), tau, first_micro_batch)
+        intra = self.patch_loss(s["patch"], t["patch"], tau, first_micro_batch)
         err = (s["recon"] - clean).pow(2)
         if cfg.recon_masked_only:
             weight = mask.to(err.dtype).expand_as(err)

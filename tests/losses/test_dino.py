@@ -47,6 +47,8 @@ def test_center_update_in_training_only():
     loss([t1, t2], [t1, t2])
     # c <- 0.9 * 0 + 0.1 * mean over the four teacher rows
     torch.testing.assert_close(loss.center, torch.tensor([[0.1, 0.1, 0.0, 0.1]]))
+    loss([t1, t2], [t1, t2], update_center=False)  # e.g. a later micro-batch of the same step
+    torch.testing.assert_close(loss.center, torch.tensor([[0.1, 0.1, 0.0, 0.1]]))
     loss.eval()
     loss([t1, t2], [t1, t2])
     torch.testing.assert_close(loss.center, torch.tensor([[0.1, 0.1, 0.0, 0.1]]))

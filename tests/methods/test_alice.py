@@ -293,6 +293,22 @@ def test_inter_is_the_crossed_cls_cross_entropy_at_the_scheduled_temperature():
     inter = (q_to_k + k_to_q) / 2
     torch.testing.assert_close(out["parts"]["inter"], inter.detach())
     torch.testing.assert_close(out["parts"]["teacher_temp"], torch.tensor(STUB_TAU))
+    # the centre moved once, over the teacher rows of both views
+    torch.testing.assert_close(method.cls_loss.center, 0.9 * center + 0.1 * torch.cat(t_cls).mean(0, keepdim=True))
+
+
+def test_centres_and_the_teacher_snapshot_move_on_the_first_micro_batch_of_a_step_only():
+    method, _ = _stub_method()
+    method.provider = FeatureProvider(warmup_steps=0)
+    centres = [loss.center.clone() for loss in (method.cls_loss, method.patch_loss)]
+    method(_stub_batch(), replace(STUB_STEP, micro_batch=1))
+    for loss, before in zip((method.cls_loss, method.patch_loss), centres, strict=True):
+        torch.testing.assert_close(loss.center, before)
+    assert not method.provider.active
+    method(_stub_batch(), STUB_STEP)
+    for loss, before in zip((method.cls_loss, method.patch_loss), centres, strict=True):
+        assert not torch.allclose(loss.center, before)
+    assert method.provider.active and method.provider.snapshot_step == STUB_STEP.step
 
 
 def _expected_intra(method, rec, center):
