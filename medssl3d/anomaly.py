@@ -5,8 +5,9 @@ See ``docs/methods.md`` (section "AFiRe-3D").
 The volume goes through the data preset (orientation, spacing, intensity scaling, foreground crop)
 and AFiRe's alignment (foreground crop, resize to the model's grid), exactly as in pretraining.
 On that grid two maps are computed: the voxel restoration error ``|x - restore(x)|`` smoothed
-by a Gaussian, and the per-token distance to the position's prototype mean, spread over each
-token's patch. Every preprocessing step is a MONAI ``InvertibleTransform``, so ``Compose.inverse``
+by a Gaussian, where each token is restored with its mask token from its neighbours
+(:meth:`~medssl3d.methods.afire.Afire.anomaly_maps`: what the anomaly-removal objective trains), and
+the per-token distance to the position's prototype mean, spread over each token's patch. Every preprocessing step is a MONAI ``InvertibleTransform``, so ``Compose.inverse``
 (resize back, un-crop with zeros, resample to the input spacing, reorient) puts each map on the
 input's voxel grid with the input's affine: the heatmaps overlay the input voxel for voxel.
 """

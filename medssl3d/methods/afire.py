@@ -72,6 +72,7 @@ __all__ = [
     "afire_transforms",
     "build_afire",
     "config_from_checkpoint",
+    "parity_groups",
     "config_from_yaml",
 ]
 
@@ -279,6 +280,22 @@ class AfireStudent(nn.Module):
         return {"scores": scores, "z": z, "reconstruction": self.decoder(tokens, abnormal)}
 
 
+def parity_groups(grid_size: Sequence[int]) -> Tensor:
+    """Tokens split by the parity of their grid index along each axis: no two face neighbours share a group.
+
+    Args:
+        grid_size: the token grid (3 sides).
+
+    Returns:
+        ``(G, N)`` bool, one row per non-empty group (G = 8 when every side is at least 2); every token
+        is in exactly one row; tokens in raster order, last axis fastest.
+    """
+    axes = [torch.arange(int(g)) % 2 for g in grid_size]
+    index = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+    group = index[:, 0] * 4 + index[:, 1] * 2 + index[:, 2]
+    return torch.stack([group == k for k in torch.unique(group)])
+
+
 class StepEMA(nn.Module):
     """An exponential moving average over optimizer steps that pools the micro-batches of a step.
 
@@ -432,13 +449,20 @@ class Afire(SSLMethod):
 
     @torch.no_grad()
     def anomaly_maps(self, x: Tensor) -> dict[str, Tensor]:
-        """Restoration and per-token prototype distance of volumes on the aligned grid.
+        """Masked restoration and per-token prototype distance of volumes on the aligned grid.
+
+        The restoration objective only shapes what the decoder predicts for *masked* tokens (everywhere
+        else the clean and lesioned volumes agree), so each token is restored with its mask token: the
+        tokens are split into the 8 parity groups of their grid index (:func:`parity_groups`), the decoder
+        runs once per group with that group masked, and each patch comes from the pass that masked it,
+        restored from its unmasked neighbours. A lesion is thus replaced by the anatomy the model
+        expects at that position.
 
         Args:
             x: ``(B, C, *img_size)`` intensities in [0, 1].
 
         Returns:
-            ``restoration`` (B, C, *img_size): the student's restored volume (no token masked);
+            ``restoration`` (B, C, *img_size): the masked restoration above;
             ``token_distance`` (B, N): ``1 - cos`` between the teacher's scores at each position and
             that position's prototype mean ``C_j`` (0: typical for the position, up to 2).
 
@@ -447,7 +471,15 @@ class Afire(SSLMethod):
         """
         if not bool(self.prototype_ema.ready):
             raise RuntimeError("afire prototypes are not set: anomaly maps need a trained model")
-        restoration = self.student(x)["reconstruction"]
+        cfg = self.config
+        tokens = self.student.backbone(x).tokens
+        restoration = torch.zeros_like(x)
+        for group in parity_groups(cfg.grid_size).to(x.device):
+            restored = self.student.decoder(tokens, group.expand(x.shape[0], -1))
+            voxels = group.reshape(cfg.grid_size)
+            for axis in range(3):
+                voxels = voxels.repeat_interleave(cfg.patch_size, dim=axis)
+            restoration = torch.where(voxels, restored.to(restoration), restoration)
         teacher_scores, _ = self._teacher(x)
         distance = 1.0 - F.cosine_similarity(teacher_scores.float(), self.prototypes[None], dim=-1)
         return {"restoration": restoration, "token_distance": distance}

@@ -18,6 +18,7 @@ from medssl3d.methods.afire import (
     build_afire,
     config_from_checkpoint,
     config_from_yaml,
+    parity_groups,
 )
 from medssl3d.methods.base import StepInfo, make_teacher
 from medssl3d.networks.backbones import BACKBONE_SIZES
@@ -62,6 +63,12 @@ def _patch_means(x):
     return F.avg_pool3d(x.float().mean(1, keepdim=True), P).flatten(1)
 
 
+def _fill_patches(values):
+    """(B, N) -> (B, 1, 32, 32, 32): every voxel of patch n holds values[:, n]."""
+    grid = values.reshape(-1, 1, 2, 2, 2)
+    return grid.repeat_interleave(P, 2).repeat_interleave(P, 3).repeat_interleave(P, 4)
+
+
 class StubBackbone(nn.Module):
     """tokens[b, n] = patch_mean[b, n] * w + v[n]; records every input it gets."""
 
@@ -104,8 +111,7 @@ class StubDecoder(nn.Module):
 
     def forward(self, tokens, abnormal=None):
         self.masks.append(abnormal)
-        grid = (tokens @ self.u).reshape(-1, 1, 2, 2, 2)
-        out = grid.repeat_interleave(P, 2).repeat_interleave(P, 3).repeat_interleave(P, 4)
+        out = _fill_patches(tokens @ self.u)
         self.outputs.append(out.detach())
         return out
 
@@ -125,7 +131,7 @@ def _stub_batch(seed, b=2):
     abnormal = torch.zeros(b, N, dtype=torch.bool)
     abnormal[0, [1, 6]] = True
     abnormal[1, 3] = True
-    lesion_map = F.interpolate(abnormal.float().reshape(b, 1, 2, 2, 2), scale_factor=P)
+    lesion_map = _fill_patches(abnormal.float())
     # The lesioned volume is the clean one + 1: a restoration target of the lesioned input is off by 1.
     return {"image": image, "image_lesioned": image + 1, "image_lesion_map": lesion_map, "image_abnormal": abnormal}
 
@@ -246,6 +252,39 @@ def test_the_emas_are_checkpointed_and_resume():
     method(nxt, StepInfo(step=1, total_steps=2, epoch=0))
     fresh(nxt, StepInfo(step=1, total_steps=2, epoch=0))
     assert torch.equal(fresh.prototypes, method.prototypes) and torch.equal(fresh.centres, method.centres)
+
+
+class MaskEchoDecoder(nn.Module):
+    """Fills patch j with j + 1 where token j is masked, with -1 elsewhere."""
+
+    def forward(self, tokens, abnormal):
+        return _fill_patches(torch.where(abnormal, torch.arange(1.0, N + 1), torch.tensor(-1.0)))
+
+
+def test_parity_groups_split_the_grid_so_that_no_face_neighbours_share_a_group():
+    for grid, count in (((2, 2, 2), 8), ((4, 3, 2), 8), ((1, 2, 2), 4)):
+        groups = parity_groups(grid)
+        assert groups.shape == (count, int(np.prod(grid))) and torch.equal(groups.sum(0), torch.ones(groups.shape[1]))
+        for group in groups:
+            cells = group.reshape(grid)
+            for axis in range(3):
+                pairs = cells.narrow(axis, 0, grid[axis] - 1) & cells.narrow(axis, 1, grid[axis] - 1)
+                assert not bool(pairs.any())
+
+
+def test_anomaly_restoration_takes_each_patch_from_the_pass_that_masked_it():
+    method = _stub_method()
+    with pytest.raises(RuntimeError, match="trained"):
+        method.anomaly_maps(torch.rand(1, 1, 32, 32, 32))
+    method(_stub_batch(8), STEP)
+    method.student.decoder = MaskEchoDecoder()
+    maps = method.eval().anomaly_maps(torch.rand(2, 1, 32, 32, 32))
+    assert torch.equal(maps["restoration"], _fill_patches(torch.arange(1.0, N + 1).expand(2, -1)))
+    teacher_scores, _ = method.teacher["head"].outputs[-1]
+    distance = 1 - (teacher_scores * method.prototypes).sum(-1) / (
+        teacher_scores.norm(dim=-1) * method.prototypes.norm(dim=-1)
+    )
+    torch.testing.assert_close(maps["token_distance"], distance)
 
 
 def test_transforms_give_the_batch_the_method_reads():
