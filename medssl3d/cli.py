@@ -31,19 +31,24 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_datalist(args: argparse.Namespace) -> int:
-    from medssl3d.data.datalist import scan_folder, write_datalist
+    from medssl3d.data.datalist import write_datalist
+    from medssl3d.data.errors import InputError
+    from medssl3d.data.folder_scan import LABEL_SUFFIXES, scan_folder_report
+    from medssl3d.data.nnunet import DATASET_JSON, is_nnunet_root
 
     output = Path(args.output)
-    datalist = scan_folder(
+    if is_nnunet_root(args.root) and output.resolve() == (Path(args.root) / DATASET_JSON).resolve():
+        raise InputError(output, "is the nnU-Net dataset description; write the datalist elsewhere")
+    scan = scan_folder_report(
         args.root,
-        label_suffix=args.label_suffix,
+        label_suffixes=args.label_suffix or LABEL_SUFFIXES,
         val_fraction=args.val_fraction,
         seed=args.seed,
         relative_to=output.parent,
+        channel=args.channel,
     )
-    write_datalist(datalist, output)
-    counts = {k: len(v) for k, v in datalist.items() if isinstance(v, list)}
-    print(f"wrote {output}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    write_datalist(scan.datalist, output)
+    print(f"wrote {output}: {scan.summary()}")
     return 0
 
 
@@ -139,15 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    from medssl3d.jobs.commands import register as register_jobs
+
+    register_jobs(add)  # pretrain, finetune, evaluate, predict
     p = add("info", _cmd_info, "Describe what the toolkit reads from a NIfTI/NRRD/MHA file or a DICOM folder.")
     p.add_argument("path", help="a NIfTI/NRRD/MHA file or a folder holding a DICOM series")
     p.add_argument("--series-uid", help="the series to read when a DICOM folder holds several")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    p = add("datalist", _cmd_datalist, "Scan a folder of NIfTI files / DICOM series into a Decathlon-style datalist.")
-    p.add_argument("root", help="the folder to scan (recursively)")
+    p = add("datalist", _cmd_datalist,
+            "Scan a folder of images / DICOM series, or an nnU-Net dataset, into a Decathlon-style datalist.")
+    p.add_argument("root", help="the folder to scan (recursively), or an nnU-Net dataset folder (with dataset.json)")
     p.add_argument("-o", "--output", required=True, help="the datalist JSON to write")
-    p.add_argument("--label-suffix", default="_seg", help="label files are <image stem><suffix>.nii.gz")
+    p.add_argument("--label-suffix", action="append", default=None,
+                   help="label files are <image stem><suffix>.nii.gz; repeat for several "
+                        "(default: _seg _label _labels _mask _segmentation _gt)")
+    p.add_argument("--channel", type=int, default=0,
+                   help="nnU-Net dataset with several channels: the one to list (file suffix _XXXX; default 0)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of labelled cases for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
 

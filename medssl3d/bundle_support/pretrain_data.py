@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 # Pretraining uses every image, labelled or not; these are the splits a datalist may hold them in.
 PRETRAIN_SPLITS = ("training", "validation", "unlabeled")
+# Held-out cases (nnU-Net's imagesTs): never pretrained on.
+TEST_SPLIT = "test"
 
 
 def pretraining_dataset(
@@ -37,7 +39,7 @@ def pretraining_dataset(
         preset: the deterministic preprocessing (orientation, spacing, intensity, foreground crop).
         cache_dir: folder of the preprocessing cache (one sub-folder per preset).
         view_transforms: the method's random view generation, applied after the cache on every access.
-        splits: split names to take images from; absent ones are ignored.
+        splits: split names to take images from; absent ones are ignored. Never ``"test"``.
         exclude_subjects: entries whose ``subject`` is listed are left out (held-out test subjects).
         skip_bad: log and leave out unreadable cases (a long run keeps going); ``False`` raises on any.
 
@@ -46,8 +48,11 @@ def pretraining_dataset(
 
     Raises:
         InputError: the datalist holds none of ``splits``, or no image is left.
+        ValueError: ``splits`` names the held-out ``"test"`` split.
     """
     path = Path(datalist)
+    if TEST_SPLIT in splits:
+        raise ValueError(f"{path}: the {TEST_SPLIT!r} split holds held-out cases, which pretraining never reads")
     try:
         present = [s for s in splits if json.loads(path.read_text()).get(s)]
     except (OSError, json.JSONDecodeError) as err:

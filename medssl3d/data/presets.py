@@ -92,7 +92,7 @@ class LoadSeriesAwared(MapTransform):
     """:func:`~medssl3d.data.readers.volume_loader` that honours a datalist entry's ``"series_uid"``.
 
     A DICOM folder holding several series appears in a datalist once per series, each entry naming its
-    series in ``"series_uid"`` (see :func:`~medssl3d.data.datalist.scan_folder`); this loads that series.
+    series in ``"series_uid"`` (see :func:`~medssl3d.data.folder_scan.scan_folder`); this loads that series.
     Entries without the field load as ``volume_loader`` does. Output: ``{key: MetaTensor (1, D, H, W)}``.
 
     Args:

@@ -7,14 +7,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medssl3d.data.datalist import (
-    load_datalist,
-    load_datalist_report,
-    scan_folder,
-    split_cases,
-    write_datalist,
-)
+from medssl3d.data.datalist import load_datalist, load_datalist_report, write_datalist
 from medssl3d.data.errors import DatalistError, InputError
+from medssl3d.data.folder_scan import scan_folder, scan_folder_report, split_cases
 from medssl3d.data.phantoms import make_phantom, write_case, write_dicom_series, write_nifti
 
 SHAPE = (32, 32, 32)
@@ -56,28 +51,64 @@ def test_scan_finds_every_case_and_label(tree):
     assert dl["name"] == tree.name and dl["modality"] == {"0": "CT"}
     labelled = sorted(dl["training"] + dl["validation"], key=lambda e: e["image"])
     assert labelled == [
-        {"image": "a.nii.gz", "label": "a_seg.nii.gz"},
-        {"image": "imagesTr/d.nii.gz", "label": "labelsTr/d.nii.gz"},
-        {"image": "patient1", "label": "patient1_seg.nii.gz"},
-        {"image": "sub/deeper/c.nii.gz", "label": "sub/deeper/c_seg.nii.gz"},
+        {"image": "a.nii.gz", "label": "a_seg.nii.gz", "subject": "a"},
+        {"image": "imagesTr/d.nii.gz", "label": "labelsTr/d.nii.gz", "subject": "d"},
+        {"image": "patient1", "label": "patient1_seg.nii.gz", "subject": "patient1"},
+        {"image": "sub/deeper/c.nii.gz", "label": "sub/deeper/c_seg.nii.gz", "subject": "c"},
     ]
     assert len(dl["validation"]) == 1
     assert dl["unlabeled"] == [
-        {"image": "b.nii.gz"},
-        {"image": "e.mha"},
-        {"image": "multi", "series_uid": UID_A},
-        {"image": "multi", "series_uid": UID_B},
+        {"image": "b.nii.gz", "subject": "b"},
+        {"image": "e.mha", "subject": "e"},
+        {"image": "multi", "series_uid": UID_A, "subject": "multi"},
+        {"image": "multi", "series_uid": UID_B, "subject": "multi"},
     ]
+    assert dl["test"] == [] and "labels" not in dl
 
 
 def test_scan_custom_suffix_and_relative_to(tmp_path, phantom):
     write_nifti(phantom.image, phantom.affine, tmp_path / "data" / "x.nii")
     write_nifti(phantom.label, phantom.affine, tmp_path / "data" / "x_label.nii.gz")
-    dl = scan_folder(tmp_path / "data", label_suffix="_label", val_fraction=0.0, relative_to=tmp_path)
-    assert dl["training"] == [{"image": "data/x.nii", "label": "data/x_label.nii.gz"}]
-    # With the default suffix the "_label" file is an image of its own and x is unlabeled.
-    dl = scan_folder(tmp_path / "data", val_fraction=0.0)
+    dl = scan_folder(tmp_path / "data", val_fraction=0.0, relative_to=tmp_path)
+    assert dl["training"] == [{"image": "data/x.nii", "label": "data/x_label.nii.gz", "subject": "x"}]
+    # With only "_seg" as label suffix the "_label" file is an image of its own and x is unlabeled.
+    dl = scan_folder(tmp_path / "data", label_suffixes="_seg", val_fraction=0.0)
     assert dl["training"] == [] and len(dl["unlabeled"]) == 2
+
+
+def test_label_maps_are_never_images_and_unmatched_ones_are_reported(tmp_path, phantom, caplog):
+    write_case(tmp_path, "a", phantom)
+    write_nifti(phantom.label, phantom.affine, tmp_path / "lost_mask.nii.gz")  # a label map beside no image
+    write_nifti(phantom.image, phantom.affine, tmp_path / "images" / "b.nii.gz")
+    write_nifti(phantom.label, phantom.affine, tmp_path / "labels" / "b.nii.gz")
+    write_nifti(phantom.label, phantom.affine, tmp_path / "labels" / "gone.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="medssl3d.data.folder_scan"):
+        scan = scan_folder_report(tmp_path, val_fraction=0.0)
+    images = [e["image"] for split in ("training", "validation", "unlabeled", "test") for e in scan.datalist[split]]
+    assert sorted(images) == ["a.nii.gz", "images/b.nii.gz"]
+    assert scan.unmatched_labels == ("labels/gone.nii.gz", "lost_mask.nii.gz")
+    assert "2 label file(s) match no image" in caplog.text and "labels/gone.nii.gz" in caplog.text
+    assert "2 label file(s) match no image: labels/gone.nii.gz, lost_mask.nii.gz" in scan.summary()
+
+
+def test_images_ts_is_the_test_split_and_subjects_stay_unique(tmp_path, phantom):
+    for patient in ("p1", "p2"):
+        write_case(tmp_path / patient, "ct", phantom)  # two cases named "ct"
+    write_nifti(phantom.image, phantom.affine, tmp_path / "imagesTs" / "t.nii.gz")
+    write_nifti(phantom.label, phantom.affine, tmp_path / "labelsTs" / "t.nii.gz")
+    dl = scan_folder(tmp_path, val_fraction=0.0)
+    assert [e["subject"] for e in dl["training"]] == ["p1/ct", "p2/ct"]
+    assert dl["test"] == [{"image": "imagesTs/t.nii.gz", "label": "labelsTs/t.nii.gz", "subject": "t"}]
+    assert dl["unlabeled"] == [] and dl["validation"] == []
+
+
+def test_nnunet_like_folder_without_dataset_json_is_a_plain_folder(tmp_path, phantom):
+    write_nifti(phantom.image, phantom.affine, tmp_path / "imagesTr" / "case_0000.nii.gz")
+    write_nifti(phantom.label, phantom.affine, tmp_path / "labelsTr" / "case.nii.gz")
+    scan = scan_folder_report(tmp_path)
+    assert scan.datalist["unlabeled"] == [{"image": "imagesTr/case_0000.nii.gz", "subject": "case_0000"}]
+    assert scan.unmatched_labels == ("labelsTr/case.nii.gz",)
+    assert any("dataset.json" in note for note in scan.notes)
 
 
 def test_scan_rejects_empty_folder_and_file(tmp_path):
