@@ -210,8 +210,8 @@ def scan_nnunet(root: str | os.PathLike, *, channel: int = 0, modality: str = "u
         The cases, the class names from ``labels``, and what a user should know.
 
     Raises:
-        InputError: dataset.json unreadable or malformed (``labels`` as in :func:`decathlon_labels`),
-            or ``channel`` not one of the channels it names.
+        InputError: dataset.json unreadable or malformed, or ``channel`` not one of the channels it names.
+            ``labels`` that :func:`decathlon_labels` refuses (e.g. region-based) are left out, with a note.
         DatalistError: listing every file without the channel suffix and every case that lacks
             ``channel``, together.
     """
@@ -224,7 +224,12 @@ def scan_nnunet(root: str | os.PathLike, *, channel: int = 0, modality: str = "u
         )
     ending = str(meta.get("file_ending", DEFAULT_FILE_ENDING))
     names = _channel_names(meta, meta_path)
-    labels = decathlon_labels(meta["labels"], meta_path) if "labels" in meta else {}
+    notes = []
+    try:
+        labels = decathlon_labels(meta["labels"], meta_path) if "labels" in meta else {}
+    except InputError as e:  # e.g. region-based: the images can still be listed (pretraining needs no classes)
+        labels = {}
+        notes.append(f"classes not listed: {e.problem}")
     suffixed = "channel_names" in meta or all(
         CHANNEL_SUFFIX.match(stem) for stem in _volume_files(root / SPLIT_FOLDERS["training"][0], ending)
     )
@@ -260,7 +265,6 @@ def scan_nnunet(root: str | os.PathLike, *, channel: int = 0, modality: str = "u
     if problems:
         raise DatalistError(root, problems)
 
-    notes = []
     channel_names = names or {c: f"channel {c}" for c in sorted(channels_seen)}
     if suffixed and len(channel_names) > 1:
         notes.append(

@@ -97,6 +97,13 @@ def test_decathlon_task_of_4d_files(nnunet_dataset):
     assert any("4D" in note and "allow_4d_index" in note for note in scan.notes)
 
 
+def test_region_based_labels_list_the_images_without_classes(nnunet_dataset):
+    root = nnunet_dataset(labels={"background": 0, "tumour": [1, 2]})
+    scan = scan_folder_report(root)
+    assert "labels" not in scan.datalist and len(scan.datalist["training"] + scan.datalist["validation"]) == 3
+    assert any(note.startswith("classes not listed: 'labels' are region-based") for note in scan.notes)
+
+
 def test_medssl3d_datalist_named_dataset_json_is_not_an_nnunet_description(nnunet_dataset):
     root = nnunet_dataset()
     (root / "dataset.json").write_text(json.dumps({"training": [], "labels": TWO_CLASSES}))
