@@ -88,3 +88,60 @@ def plot_transfer(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def plot_budget_curve(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+                      references: Collection[str] = ("scratch",), baseline: str | None = None) -> Path:
+    """Write a PNG: per task, test Dice against fine-tuning steps (one k), one line per method, sd bars.
+
+    It shows how much sooner a pretrained start reaches a Dice than scratch does: each point is a run of that
+    length (its learning-rate schedule fitted to it), not a snapshot of a longer run.
+
+    Args:
+        rows: aggregated rows of one k (``task``, ``method``, ``steps``, ``dice``, optional ``dice_sd``).
+        path: the PNG to write.
+        references: methods drawn dashed (training from scratch).
+        baseline: a method to mark "(baseline)" in the legend.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: ``rows`` is empty or mixes several k.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("no aggregated rows to plot")
+    ks = {r["k"] for r in rows}
+    if len(ks) != 1:
+        raise ValueError(f"a budget curve is drawn for one k, got {sorted(ks)}")
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(SUBPLOT_SIZE_IN[0] * len(tasks), SUBPLOT_SIZE_IN[1]),
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        task_rows = [r for r in rows if r["task"] == task]
+        methods = list(dict.fromkeys(r["method"] for r in task_rows))
+        for i, method in enumerate(methods):
+            line = sorted((r for r in task_rows if r["method"] == method), key=lambda r: r["steps"])
+            ax.errorbar(_dodged([r["steps"] for r in line], i, len(methods)), [r["dice"] for r in line],
+                        yerr=[r.get("dice_sd", 0.0) for r in line], marker="o", capsize=CAPSIZE, color=f"C{i}",
+                        linestyle="--" if method in references else "-",
+                        label=f"{method} (baseline)" if method == baseline else method)
+        steps = sorted({r["steps"] for r in task_rows})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.set_ylim(*DICE_LIMITS)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel(f"fine-tuning steps (k = {next(iter(ks))} {task_rows[0]['unit']})")
+        ax.set_ylabel("test Dice (mean over classes)")
+        ax.set_title(task)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path

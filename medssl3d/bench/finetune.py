@@ -41,8 +41,11 @@ class FinetuneRecipe:
         roi: cubic crop side in voxels (SwinUNETR: a multiple of 32; UNETR: the ViT's grid).
         epochs: training epochs (one pass over the labelled units each).
         samples: random crops per labelled unit per epoch.
-        lr: learning rate.
+        lr: learning rate (of the decoder; the encoder's is ``lr * encoder_lr_scale`` when pretrained).
         seed: ``set_determinism`` seed of the bundle.
+        warmup_epochs: linear learning-rate warm-up (the bundle's ``warmup_epochs``).
+        encoder_lr_scale: pretrained encoder's learning rate as a fraction of ``lr``.
+        freeze_encoder_epochs: epochs with a pretrained encoder not updated.
     """
 
     backbone_size: str
@@ -51,6 +54,9 @@ class FinetuneRecipe:
     samples: int
     lr: float
     seed: int
+    warmup_epochs: float = 0.0
+    encoder_lr_scale: float = 1.0
+    freeze_encoder_epochs: int = 0
 
 
 def network_overrides(export_target: str, backbone_size: str, roi: int) -> dict[str, Any]:
@@ -115,6 +121,9 @@ def finetune_and_test(
         "num_samples": recipe.samples,
         "num_workers": 0,
         "learning_rate": recipe.lr,
+        "warmup_epochs": recipe.warmup_epochs,
+        "encoder_lr_scale": recipe.encoder_lr_scale,
+        "freeze_encoder_epochs": recipe.freeze_encoder_epochs,
         "val_interval": recipe.epochs,
         "seed": recipe.seed,
         "train#trainer#max_epochs": recipe.epochs,

@@ -5,6 +5,9 @@ plumbing checks, from synthetic MRI phantoms:
 
 - ``brain_extraction``: brain masks of T1 heads; the labelled *volumes* are the training heads, the test head
   is another subject (the sample datalist's ``test`` split).
+- ``chest_ct``: seven merged organ classes of one contrast chest CT cut into slabs along the inferior→superior
+  axis; the labelled *volumes* are the two training slabs, the test slab lies between them (4 slices apart),
+  and only the training slabs may be pretrained on. Its pretraining pool is the CT scans, the others' the MRI.
 - ``tissue`` (grey / white matter of MNI152) and ``aal_regions`` (merged AAL regions of Colin27): one subject
   each, split spatially into two hemispheres: the labelled *crops* are cut from one, the other is the test.
 - ``phantom``: labelled phantom volumes, one more phantom as the test.
@@ -28,19 +31,22 @@ import nibabel as nib
 import numpy as np
 
 from medssl3d.bundle_support.smoke_data import write_smoke_datalist
-from medssl3d.data.presets import MRI_LOWER_PERCENTILE, MRI_PRESET, MRI_UPPER_PERCENTILE, PresetConfig
+from medssl3d.data.presets import MRI_LOWER_PERCENTILE, MRI_UPPER_PERCENTILE, PresetConfig, preset_for
 from medssl3d.data.sample import fetch_sample_data
 
 logger = logging.getLogger(__name__)
 
 SOURCES = ("sample", "phantoms")
-VOLUME_TASKS = ("brain_extraction",)
+VOLUME_TASKS = ("brain_extraction", "chest_ct")
 SPLIT_TASKS = ("tissue", "aal_regions")
 PHANTOM_TASK = "phantom"
 TASKS = (*VOLUME_TASKS, *SPLIT_TASKS, PHANTOM_TASK)
 UNIT_VOLUME = "volume"
 UNIT_CROP = "crop"
-#: Modality of the sample scans the tasks and pretraining use (the head CT has no labels and another preset).
+#: Modality of each sample task's scans (its preset, and the pretraining pool it draws from).
+TASK_MODALITY = {"brain_extraction": "MRI", "chest_ct": "CT", "tissue": "MRI", "aal_regions": "MRI",
+                 "phantom": "MRI"}
+#: Modality of the data benchmark's pretraining images.
 SAMPLE_MODALITY = "MRI"
 #: Labelled phantoms of the phantom task (one more is its test case).
 PHANTOM_TRAIN = 2
@@ -65,6 +71,7 @@ class Task:
         test: held-out entries, never trained or pretrained on.
         pretrain: unlabelled entries (``image``, ``subject``) the task allows pretraining on.
         normalised: the labelled and test images were intensity-normalised when written (see module docs).
+        modality: ``"mri"`` or ``"ct"``: the preset of pretraining, fine-tuning and testing.
     """
 
     name: str
@@ -74,6 +81,7 @@ class Task:
     test: tuple[dict, ...]
     pretrain: tuple[dict, ...]
     normalised: bool = False
+    modality: str = "mri"
 
     @property
     def max_k(self) -> int | None:
@@ -126,14 +134,15 @@ def load_task(name: str, *, source: str, root: str | os.PathLike) -> Task:
         raise KeyError(f"the sample data has no {name!r} task: {data.skipped.get(name, 'unknown task')}")
     path = data.datalists[name]
     datalist = json.loads(path.read_text())
-    pretrain = tuple(e for e in data.pretrain_pool(exclude_task=name) if e["modality"] == SAMPLE_MODALITY)
+    modality = TASK_MODALITY[name]
+    pretrain = tuple(e for e in data.pretrain_pool(exclude_task=name) if e["modality"] == modality)
     labels = {str(k): v for k, v in datalist["labels"].items()}
     if name in VOLUME_TASKS:
         return Task(name, UNIT_VOLUME, labels, tuple(_absolute(path, e) for e in datalist["training"]),
-                    tuple(_absolute(path, e) for e in datalist["test"]), pretrain)
+                    tuple(_absolute(path, e) for e in datalist["test"]), pretrain, modality=modality.lower())
     (subject,) = [_absolute(path, e) for e in datalist["training"]]
     train, test = split_subject(subject, root / "tasks" / name)
-    return Task(name, UNIT_CROP, labels, (train,), (test,), pretrain, normalised=True)
+    return Task(name, UNIT_CROP, labels, (train,), (test,), pretrain, normalised=True, modality=modality.lower())
 
 
 def _absolute(datalist: Path, entry: dict) -> dict:
@@ -271,18 +280,17 @@ def training_units(task: Task, k: int, seed: int, out_dir: str | os.PathLike, cr
 
 
 def finetune_preset(task: Task, spacing_mm: float) -> PresetConfig:
-    """The fine-tuning / test preprocessing: the MRI preset at ``spacing_mm``; a fixed window for normalised images."""
-    preset = dataclasses.replace(MRI_PRESET, spacing=(float(spacing_mm),) * 3)
+    """The fine-tuning / test preprocessing: the task's preset at ``spacing_mm``; a fixed window for normalised
+    images."""
+    preset = preset_for(task.modality, float(spacing_mm))
     if task.normalised:
         preset = dataclasses.replace(preset, scaling="window", a_min=NORMALISED_MIN, a_max=NORMALISED_MAX)
     return preset
 
 
-def pretraining_preset(spacing_mm: float | None) -> PresetConfig:
-    """The pretraining preprocessing: the MRI preset (percentile scaling per volume) at ``spacing_mm`` (or its own)."""
-    if spacing_mm is None:
-        return MRI_PRESET
-    return dataclasses.replace(MRI_PRESET, spacing=(float(spacing_mm),) * 3)
+def pretraining_preset(spacing_mm: float | None, modality: str = "mri") -> PresetConfig:
+    """The pretraining preprocessing: the modality's preset at ``spacing_mm`` (``None``: the preset's own)."""
+    return preset_for(modality, None if spacing_mm is None else float(spacing_mm))
 
 
 def write_datalist(path: str | os.PathLike, splits: dict[str, Sequence[dict]], **fields) -> Path:

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medssl3d.bench.figure import plot_transfer
+from medssl3d.bench.figure import plot_budget_curve, plot_transfer
 from medssl3d.bench.finetune import FinetuneRecipe, finetune_and_test
 from medssl3d.bench.pretrain import PretrainResult, failure_text, pretrain, pretraining_overrides
 from medssl3d.bench.record import default_output, format_table, write_record
@@ -55,6 +55,7 @@ SCRATCH_TARGET = "swinunetr"
 #: The from-scratch arm of each network family: a method is compared with the scratch run of its own network.
 SCRATCH_ARMS = {"swinunetr": SCRATCH, "unetr": f"{SCRATCH}_unetr"}
 RUNS_SUFFIX = "-runs"
+CURVE_SUFFIX = "-steps"
 CACHE_DIR_NAME = "cache"
 POOL_HASH_CHARS = 10
 ROW_PRETRAIN = "pretrain"
@@ -78,12 +79,19 @@ class TransferBenchConfig:
         backbone_size: encoder size of pretraining and fine-tuning.
         roi: crop side in voxels, pretraining and fine-tuning.
         spacing_mm: preset spacing of pretraining, fine-tuning and testing.
+        task_spacing_mm: a task's own spacing where it needs another (e.g. ``{"chest_ct": 2.0}``).
         pretrain_steps: the pretraining budget, identical for every method.
         pretrain_batch: volumes per pretraining step, identical for every method.
         pretrain_seed: seed of the pretraining runs.
         finetune_steps: fine-tuning iterations (one labelled unit each), identical for every k and arm.
         finetune_samples: random crops per labelled unit per iteration.
         finetune_lr: fine-tuning learning rate.
+        finetune_warmup_fraction: the bundle's ``warmup_epochs`` as a fraction of each run's epochs.
+        encoder_lr_scale: the bundle's ``encoder_lr_scale`` (pretrained arms).
+        freeze_encoder_fraction: the bundle's ``freeze_encoder_epochs`` (pretrained arms) as a fraction of each
+            run's epochs, rounded down.
+        curve_fractions: fractions of ``finetune_steps`` also run at the smallest k, for the figure of Dice
+            against fine-tuning steps (each a run of its own length, its schedule fitted to it).
         crop_mm: side of a labelled crop (crop tasks).
         keep_models: keep every fine-tuned ``models/model.pt`` (off: deleted once tested; a ``full`` suite makes
             a few hundred base-size models, hundreds of MB each).
@@ -99,12 +107,17 @@ class TransferBenchConfig:
     backbone_size: str = "tiny"
     roi: int = 64
     spacing_mm: float = 3.0
+    task_spacing_mm: dict[str, float] = field(default_factory=dict)
     pretrain_steps: int = 4
     pretrain_batch: int = 2
     pretrain_seed: int = 0
     finetune_steps: int = 4
     finetune_samples: int = 1
     finetune_lr: float = 1e-3
+    finetune_warmup_fraction: float = 0.0
+    encoder_lr_scale: float = 1.0
+    freeze_encoder_fraction: float = 0.0
+    curve_fractions: tuple[float, ...] = ()
     crop_mm: float = 64.0
     keep_models: bool = False
     cache_dir: str = ""
@@ -115,8 +128,17 @@ class TransferBenchConfig:
         for name in ("tasks", "ks", "seeds"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
+        for name in ("finetune_warmup_fraction", "freeze_encoder_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if any(not 0 < f < 1 for f in self.curve_fractions):
+            raise ValueError(f"curve_fractions must lie in (0, 1), got {list(self.curve_fractions)}")
         if set(self.methods) & set(SCRATCH_ARMS.values()):
             raise ValueError(f"{sorted(SCRATCH_ARMS.values())} are always run; do not list them in methods")
+
+    def spacing(self, task: str) -> float:
+        """The preset spacing of ``task`` (its own, else the suite's)."""
+        return float(self.task_spacing_mm.get(task, self.spacing_mm))
         if min(self.ks) < 1:
             raise ValueError(f"every k must be >= 1, got {list(self.ks)}")
         for name in ("pretrain_steps", "pretrain_batch", "finetune_steps", "finetune_samples", "roi"):
@@ -125,6 +147,22 @@ class TransferBenchConfig:
 
 
 # ----------------------------------------------------------------------------------- aggregation
+#: Two-sided 95 % quantiles of Student's t by degrees of freedom (the normal one beyond the table).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def ci95_half_width(sd: float, n: int) -> float:
+    """Half-width of the 95 % t-interval of a mean of ``n`` values with sample sd ``sd`` (conservative between
+    tabulated degrees of freedom)."""
+    if n < 2:
+        raise ValueError(f"a confidence interval needs at least 2 values, got {n}")
+    dof = n - 1
+    known = [d for d in T95 if d <= dof]
+    t = T95[max(known)] if dof <= max(T95) else statistics.NormalDist().inv_cdf(0.975)
+    return t * sd / math.sqrt(n)
+
+
 def _mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and sample sd (``None`` for fewer than two values)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
@@ -150,20 +188,22 @@ def aggregate(runs: Sequence[Mapping[str, Any]], reference: str = SCRATCH) -> li
         reference: the arm differences are taken against, seed by seed, where a row names none.
 
     Returns:
-        Rows with ``task, method, k, unit, n_seeds, dice, dice_sd`` (sd only for two seeds or more),
+        Rows with ``task, method, k, [steps,] unit, n_seeds, dice, dice_sd`` (sd only for two seeds or more),
         ``dice_<class>`` / ``dice_<class>_sd``, and for methods other than their reference ``reference, diff,
         diff_sd, n_pairs`` (the mean Dice minus the reference's, per seed present in both), plus ``dice_text``
         / ``diff_text`` strings.
     """
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for row in runs:
-        groups.setdefault((row["task"], row["method"], row["k"]), []).append(row)
+        groups.setdefault((row["task"], row["method"], row["k"], row.get("steps")), []).append(row)
     summary = []
-    for (task, method, k), rows in groups.items():
+    for (task, method, k, steps), rows in groups.items():
         rows = sorted(rows, key=lambda r: r["seed"])
         dice, dice_sd = _mean_sd([r["dice"] for r in rows])
         out: dict[str, Any] = {"row": ROW_SUMMARY, "task": task, "method": method, "k": k,
                                "unit": rows[0]["unit"], "n_seeds": len(rows), "dice": dice}
+        if steps is not None:
+            out["steps"] = steps
         if dice_sd is not None:
             out["dice_sd"] = dice_sd
         out["dice_text"] = _text(dice, dice_sd)
@@ -175,13 +215,16 @@ def aggregate(runs: Sequence[Mapping[str, Any]], reference: str = SCRATCH) -> li
                 if sd is not None:
                     out[f"{key}_sd"] = sd
         arm = rows[0].get("reference", reference)
-        ref = {r["seed"]: r["dice"] for r in groups.get((task, arm, k), [])}
+        ref = {r["seed"]: r["dice"] for r in groups.get((task, arm, k, steps), [])}
         pairs = [r["dice"] - ref[r["seed"]] for r in rows if r["seed"] in ref]
         if method != arm and pairs:
             diff, diff_sd = _mean_sd(pairs)
             out.update(reference=arm, diff=diff, n_pairs=len(pairs), diff_text=_text(diff, diff_sd, sign=True))
             if diff_sd is not None:
                 out["diff_sd"] = diff_sd
+                out["diff_ci95"] = ci95_half_width(diff_sd, len(pairs))
+                out["diff_text"] += f" (95 % CI {diff - out['diff_ci95']:+.{DICE_DIGITS}f} … " \
+                    f"{diff + out['diff_ci95']:+.{DICE_DIGITS}f})"
         summary.append(out)
     return summary
 
@@ -228,15 +271,15 @@ def _pretrain_all(cfg: TransferBenchConfig, tasks: Sequence[Task], work: Path, c
     rows = []
     done: dict[tuple[str, str], PretrainResult | None] = {}
     for task in tasks:
-        pool = _pool_id(task)
+        pool = f"{task.modality}-{cfg.spacing(task.name):g}mm-{_pool_id(task)}"
         datalist = write_datalist(work / "pretrain" / pool / "datalist.json", {"training": task.pretrain},
                                   name=f"pretraining pool of {task.name}")
         for method in cfg.methods:
             if (pool, method) not in done:
                 overrides = pretraining_overrides(
                     datalist=datalist, run_dir=work / "pretrain" / pool / method, cache_dir=cache_dir,
-                    preset=pretraining_preset(cfg.spacing_mm), backbone_size=cfg.backbone_size, roi=cfg.roi,
-                    batch_size=cfg.pretrain_batch, seed=cfg.pretrain_seed, extra=cfg.bundle_overrides.get(method),
+                    preset=pretraining_preset(cfg.spacing(task.name), task.modality),
+                    backbone_size=cfg.backbone_size, roi=cfg.roi, batch_size=cfg.pretrain_batch, seed=cfg.pretrain_seed, extra=cfg.bundle_overrides.get(method),
                 )
                 try:
                     result = pretrain(method, overrides, steps=cfg.pretrain_steps)
@@ -268,38 +311,53 @@ def _arms(cfg: TransferBenchConfig, task: Task, encoders: Mapping[tuple[str, str
 def _finetune_all(cfg: TransferBenchConfig, task: Task, encoders: Mapping[tuple[str, str], PretrainResult],
                   work: Path) -> list[dict[str, Any]]:
     """Every (k, seed, arm) fine-tuning run of one task; one row each (an error row for a failed run)."""
-    preset = finetune_preset(task, cfg.spacing_mm)
+    preset = finetune_preset(task, cfg.spacing(task.name))
     arms = _arms(cfg, task, encoders)
     rows = []
+    smallest_k = min(cfg.ks)
     for k in cfg.ks:
         if task.max_k is not None and k > task.max_k:
             logger.info("%s: skipping k=%d (the task has %d labelled volumes)", task.name, k, task.max_k)
             continue
+        budgets = [cfg.finetune_steps]
+        if k == smallest_k:
+            budgets = sorted({max(1, round(f * cfg.finetune_steps)) for f in cfg.curve_fractions} | {cfg.finetune_steps})
         for seed in cfg.seeds:
             units = training_units(task, k, seed, work / "tasks" / task.name / "crops", cfg.crop_mm)
-            run_root = work / "finetune" / task.name / f"k{k}" / f"seed{seed}"
-            # validation (which picks the saved model) re-uses the labelled units: the test data stays unseen
-            datalist = write_datalist(run_root / "datalist.json",
-                                      {"training": units, "validation": units, "test": task.test},
-                                      name=task.name, labels=task.label_names)
-            recipe = FinetuneRecipe(backbone_size=cfg.backbone_size, roi=cfg.roi,
-                                    epochs=math.ceil(cfg.finetune_steps / k), samples=cfg.finetune_samples,
-                                    lr=cfg.finetune_lr, seed=seed)
-            for arm, family, encoder in arms:
-                logger.info("%s k=%d seed=%d: fine-tuning %s from %s", task.name, k, seed, family, arm)
-                start = time.perf_counter()
-                try:
-                    report = finetune_and_test(
-                        run_root / arm, datalist, task.label_names, preset, recipe, export_target=family,
-                        pretrained=encoder.encoder if encoder else None,
-                    )
-                except Exception as error:  # noqa: BLE001 - one failing run must not end a long benchmark
-                    rows.append(_error_row("fine-tuning", task.name, arm, error, k=k, seed=seed))
-                    continue
-                row = _run_row(task, arm, k, seed, units, report, time.perf_counter() - start, recipe)
-                rows.append({**row, "network": family, "reference": SCRATCH_ARMS[family]})
-                if not cfg.keep_models:
-                    (run_root / arm / MODEL_FILE).unlink(missing_ok=True)
+            for steps in budgets:
+                rows += _finetune_arms(cfg, task, arms, units, preset, k, seed, steps, work)
+    return rows
+
+
+def _finetune_arms(cfg: TransferBenchConfig, task: Task, arms: Sequence[tuple[str, str, PretrainResult | None]],
+                   units: Sequence[dict], preset, k: int, seed: int, steps: int, work: Path) -> list[dict[str, Any]]:
+    """Every arm of one (k, seed, budget) on the same labelled units; one row each (an error row for a failure)."""
+    run_root = work / "finetune" / task.name / f"k{k}" / f"seed{seed}" / f"steps{steps}"
+    # validation (which picks the saved model) re-uses the labelled units: the test data stays unseen
+    datalist = write_datalist(run_root / "datalist.json", {"training": units, "validation": units, "test": task.test},
+                              name=task.name, labels=task.label_names)
+    rows = []
+    for arm, family, encoder in arms:
+        epochs = math.ceil(steps / k)
+        recipe = FinetuneRecipe(
+            backbone_size=cfg.backbone_size, roi=cfg.roi, epochs=epochs, samples=cfg.finetune_samples,
+            lr=cfg.finetune_lr, seed=seed, warmup_epochs=cfg.finetune_warmup_fraction * epochs,
+            encoder_lr_scale=cfg.encoder_lr_scale, freeze_encoder_epochs=int(cfg.freeze_encoder_fraction * epochs),
+        )
+        logger.info("%s k=%d seed=%d steps=%d: fine-tuning %s from %s", task.name, k, seed, steps, family, arm)
+        start = time.perf_counter()
+        try:
+            report = finetune_and_test(
+                run_root / arm, datalist, task.label_names, preset, recipe, export_target=family,
+                pretrained=encoder.encoder if encoder else None,
+            )
+        except Exception as error:  # noqa: BLE001 - one failing run must not end a long benchmark
+            rows.append(_error_row("fine-tuning", task.name, arm, error, k=k, seed=seed, steps=steps))
+            continue
+        row = _run_row(task, arm, k, seed, units, report, time.perf_counter() - start, recipe)
+        rows.append({**row, "steps": steps, "network": family, "reference": SCRATCH_ARMS[family]})
+        if not cfg.keep_models:
+            (run_root / arm / MODEL_FILE).unlink(missing_ok=True)
     return rows
 
 
@@ -331,7 +389,9 @@ def run(
         overrides: ``key=value`` changes to the suite (e.g. ``seeds=[0]``).
 
     Returns:
-        ``(record path, Markdown table)``.
+        ``(record path, Markdown table of the full fine-tuning budget)``. The figures are ``<stem>.png`` (Dice
+        against k) and, with ``curve_fractions``, ``<stem>-steps.png`` (Dice against fine-tuning steps at the
+        smallest k).
     """
     cfg = load_suite(TransferBenchConfig, KIND, suite, overrides)
     output = Path(output) if output is not None else default_output(KIND, suite)
@@ -345,12 +405,19 @@ def run(
     summary = aggregate(run_rows)
     if not summary:
         raise RuntimeError(f"every fine-tuning run failed: {[r['error'] for r in rows]}")
-    figure = plot_transfer(summary, output.with_suffix(".png"), references=set(SCRATCH_ARMS.values()),
-                           baseline=BASELINE if BASELINE in cfg.methods else None)
+    references = set(SCRATCH_ARMS.values())
+    baseline = BASELINE if BASELINE in cfg.methods else None
+    full_budget = [r for r in summary if r["steps"] == cfg.finetune_steps]
+    figure = plot_transfer(full_budget, output.with_suffix(".png"), references=references, baseline=baseline)
+    figures = [figure.name]
+    if cfg.curve_fractions:
+        curve = [r for r in summary if r["k"] == min(cfg.ks)]
+        figures.append(plot_budget_curve(curve, output.with_name(f"{output.stem}{CURVE_SUFFIX}.png"),
+                                         references=references, baseline=baseline).name)
     minutes = (time.perf_counter() - start) / 60
     # on a shared machine the process's CPU time says more about the cost than its wall time
-    config = {**asdict(cfg), "suite": suite, "figure": figure.name, "wall_minutes": minutes,
+    config = {**asdict(cfg), "suite": suite, "figures": figures, "wall_minutes": minutes,
               "cpu_minutes": (time.process_time() - start_cpu) / 60}
     path = write_record(output, KIND, suite, config, [*pretrain_rows, *rows, *summary])
     logger.info("transfer benchmark finished in %.1f minutes: %s, %s", minutes, path, figure)
-    return path, summary_table(summary, {t.name: t.class_names for t in tasks})
+    return path, summary_table(full_budget, {t.name: t.class_names for t in tasks})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medssl3d.bench import transfer
-from medssl3d.bench.figure import plot_transfer
+from medssl3d.bench.figure import plot_budget_curve, plot_transfer
 from medssl3d.bench.finetune import network_overrides
 from medssl3d.bench.suite import load_suite
 from medssl3d.bench.tasks import UNIT_CROP, UNIT_VOLUME, Task, normalise, split_subject, training_units
@@ -39,7 +39,24 @@ def test_aggregate_mean_sd_and_paired_difference():
     assert m["n_pairs"] == 2
     # a class without a Dice value in one seed is averaged over the others
     assert m["dice_brain"] == pytest.approx(0.9) and "dice_brain_sd" not in m
-    assert m["dice_text"] == "0.750 ± 0.212" and m["diff_text"] == "+0.150 ± 0.071"
+    # 95 % t-interval of two paired differences: 12.706 * sd / sqrt(2)
+    assert m["diff_ci95"] == pytest.approx(12.706 * np.std([0.1, 0.2], ddof=1) / math.sqrt(2))
+    assert m["dice_text"] == "0.750 ± 0.212" and m["diff_text"] == "+0.150 ± 0.071 (95 % CI -0.485 … +0.785)"
+
+
+def test_ci95_uses_student_t_and_is_conservative_between_table_rows():
+    assert transfer.ci95_half_width(1.0, 4) == pytest.approx(3.182 / 2)
+    assert transfer.ci95_half_width(1.0, 12) == pytest.approx(2.228 / math.sqrt(12))  # 11 dof: the 10-dof t
+    assert transfer.ci95_half_width(1.0, 100) == pytest.approx(1.95996 / 10, rel=1e-4)
+    with pytest.raises(ValueError, match="at least 2"):
+        transfer.ci95_half_width(1.0, 1)
+
+
+def test_runs_of_other_budgets_are_other_groups_paired_within_their_budget():
+    runs = [{**_run("scratch", 0, 0.2, 0.2), "steps": 4}, {**_run("m", 0, 0.5, 0.5), "steps": 4},
+            {**_run("scratch", 0, 0.6, 0.6), "steps": 16}, {**_run("m", 0, 0.7, 0.7), "steps": 16}]
+    rows = {(r["method"], r["steps"]): r for r in transfer.aggregate(runs)}
+    assert rows[("m", 4)]["diff"] == pytest.approx(0.3) and rows[("m", 16)]["diff"] == pytest.approx(0.1)
 
 
 def test_aggregate_pairs_only_shared_seeds_and_keeps_groups_apart():
@@ -141,6 +158,14 @@ def test_volume_units_are_nested_and_bounded():
         training_units(task, 4, 0, "unused", 1.0)
 
 
+def test_plot_budget_curve_writes_a_png_for_one_k(tmp_path):
+    rows = transfer.aggregate([{**_run(m, 0, d, d), "steps": s} for m, d, s in
+                               [("scratch", 0.2, 4), ("m", 0.5, 4), ("scratch", 0.6, 16), ("m", 0.7, 16)]])
+    assert plot_budget_curve(rows, tmp_path / "c.png").read_bytes()[:8] == PNG_SIGNATURE
+    with pytest.raises(ValueError, match="one k"):
+        plot_budget_curve([*rows, {**rows[0], "k": 2}], tmp_path / "d.png")
+
+
 def test_plot_transfer_writes_a_png(tmp_path):
     rows = transfer.aggregate([_run("scratch", 0, 0.5, 0.5), _run("scratch", 1, 0.6, 0.6),
                                _run("m", 0, 0.7, 0.7), _run("m", 0, 0.8, 0.8, k=2)])
@@ -153,13 +178,15 @@ def test_run_on_phantoms_writes_record_table_and_figure(tmp_path):
     out = tmp_path / "transfer.json"
     path, table = transfer.run("smoke", out, [
         "source=phantoms", "tasks=[phantom]", "methods=[swin_ssl]", "ks=[1]", "seeds=[0]",
-        "pretrain_steps=1", "pretrain_batch=1", "finetune_steps=1",
+        "pretrain_steps=1", "pretrain_batch=1", "finetune_steps=2", "curve_fractions=[0.5]",
     ])
     record = json.loads(path.read_text())
     rows = record["results"]
-    assert [r["row"] for r in rows] == ["pretrain", "run", "run", "summary", "summary"]
+    assert [r["row"] for r in rows] == ["pretrain", *["run"] * 4, *["summary"] * 4]
     runs = [r for r in rows if r["row"] == "run"]
-    assert [r["method"] for r in runs] == ["scratch", "swin_ssl"]
+    # the curve's shorter run and the full budget, each with both arms
+    assert [(r["method"], r["steps"], r["epochs"]) for r in runs] == [
+        ("scratch", 1, 1), ("swin_ssl", 1, 1), ("scratch", 2, 2), ("swin_ssl", 2, 2)]
     classes = [k for k in runs[0] if k.startswith("dice_")]
     assert len(classes) == 6  # the phantom's foreground structures
     for row in rows:
@@ -170,7 +197,9 @@ def test_run_on_phantoms_writes_record_table_and_figure(tmp_path):
     assert rows[0]["steps"] == 1 and rows[0]["export_target"] == "swinunetr"
     assert "diff" in rows[-1] and rows[-1]["method"] == "swin_ssl"
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_SIGNATURE
-    runs_dir = tmp_path / "transfer-runs" / "finetune" / "phantom" / "k1" / "seed0"
+    assert (tmp_path / "transfer-steps.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert record["config"]["figures"] == ["transfer.png", "transfer-steps.png"]
+    runs_dir = tmp_path / "transfer-runs" / "finetune" / "phantom" / "k1" / "seed0" / "steps2"
     assert (runs_dir / "swin_ssl" / "eval" / "dice_per_class.json").is_file()
     assert not (runs_dir / "swin_ssl" / "models" / "model.pt").exists()  # keep_models is off
     assert "### phantom" in table and "Δ vs scratch" in table
