@@ -54,7 +54,7 @@ REFERENCE_WEIGHT_DECAY = 0.1
 VIEW_KEYS = ("view1", "view2")
 CUTOUT_POSTFIX = "_cutout"  # same batch keys as medssl3d.methods.swin_ssl, so one batch feeds both
 ROTATION_POSTFIX = "_rot"
-ROTATION_AXES = (1, 2)  # spatial (y, x): the axial plane, as medssl3d.transforms.rotation
+ROTATION_AXES = (1, 2)  # spatial axes (A, S): the sagittal plane, as medssl3d.transforms.rotation and rot_rand
 # Synthetic volumes: smooth noise upsampled from a coarse grid, plus a few cut-out boxes.
 SYNTHETIC_COARSE = 4
 SYNTHETIC_BOXES = 4
@@ -284,7 +284,7 @@ def synthetic_views(
     """A batch of two rotated, cut-out views of smooth random volumes, without any data on disk.
 
     Each sample's volume is trilinearly upsampled coarse noise in [0, 1]; each view is that volume
-    rotated by its own random multiple of 90° in the axial plane (the class) and, for the network
+    rotated by its own random multiple of 90° in the sagittal (A–S) plane (the class) and, for the network
     input, a few random boxes filled with uniform noise.
 
     Args:

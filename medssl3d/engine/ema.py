@@ -1,4 +1,4 @@
-"""Exponential moving average of a student into its teacher (the EMA teacher of methods.md §0)."""
+"""Exponential moving average of a student into its teacher (the EMA teacher of docs/methods.md, "Shared pieces")."""
 
 from __future__ import annotations
 

@@ -178,7 +178,7 @@ def fit_head(
 # Voxels and features.
 # --------------------------------------------------------------------------------------
 def sample_points(label: Tensor, n: int, generator: torch.Generator) -> Tensor:
-    """Up to ``n`` voxel indices ``(N, 3)`` in ``(z, y, x)``, split evenly over the classes in ``label``.
+    """Up to ``n`` voxel indices ``(N, 3)`` along the array axes (R, A, S), split evenly over the classes in ``label``.
 
     Args:
         label: ``(D, H, W)`` integer classes (on the CPU).
@@ -204,7 +204,7 @@ def gather_points(feature: Tensor, points: Tensor, size: Sequence[int]) -> Tenso
 
     Args:
         feature: ``(1, C, D_l, H_l, W_l)``.
-        points: ``(N, 3)`` integer ``(z, y, x)`` indices into ``size``.
+        points: ``(N, 3)`` integer indices along the array axes (R, A, S) into ``size``.
         size: the full grid ``(D, H, W)``.
     """
     extent = torch.tensor(tuple(size), dtype=feature.dtype, device=feature.device)

@@ -1,7 +1,8 @@
 """3D backbones behind one token interface: MONAI's SwinUNETR encoder and MONAI's ViT.
 
 Every backbone maps a volume ``(B, 1, D, H, W)`` to a :class:`BackboneOutput`: bottleneck
-tokens ``(B, N, C)`` in ``(z, y, x)`` raster order, multi-scale feature maps (finest first)
+tokens ``(B, N, C)`` in raster order of the (R, A, S) token grid (the last axis, inferior→superior,
+varies fastest), multi-scale feature maps (finest first)
 and their strides. Each wraps the MONAI network it exports to as ``self.net``, so that its
 state-dict keys are that network's keys under ``net.``; export is a prefix rewrite
 (:func:`to_target_keys`), and the exported dict loads into MONAI ``SwinUNETR`` / ``UNETR``.
@@ -169,7 +170,7 @@ class BackboneOutput:
     """What every backbone returns.
 
     Attributes:
-        tokens: ``(B, N, C)`` bottleneck tokens in ``(z, y, x)`` raster order, i.e.
+        tokens: ``(B, N, C)`` bottleneck tokens in raster order of the (R, A, S) grid, i.e.
             ``features[-1].flatten(2).transpose(1, 2)``.
         features: multi-scale maps ``(B, C_i, D_i, H_i, W_i)``, finest first.
         strides: the stride of each entry of ``features`` relative to the input.
@@ -464,7 +465,7 @@ class ViTBackbone(Backbone):
                 f"ViTBackbone was built for img_size {self.img_size}, got spatial shape {tuple(x.shape[2:])}"
             )
         tokens, hidden = self.net(x)
-        # MONAI's conv patch embedding flattens the (z, y, x) grid in raster order.
+        # MONAI's conv patch embedding flattens the (R, A, S) patch grid in raster order (S fastest).
         fmap = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *self.grid_size)
         return BackboneOutput(
             tokens=tokens, features=[fmap], strides=(self.patch_stride,), hidden_states=list(hidden)

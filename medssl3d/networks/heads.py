@@ -56,7 +56,7 @@ def dino_mlp(in_dim: int, hidden_dim: int, out_dim: int, n_layers: int) -> nn.Se
 
 
 class DINOHead(nn.Module):
-    """DINO-style head (methods.md §0): MLP, L2 normalisation, weight-normalised prototypes.
+    """DINO-style head (docs/methods.md, "Shared pieces"): MLP, L2 normalisation, weight-normalised prototypes.
 
     ``in_dim -> hidden -> ... -> bottleneck`` (``n_layers`` linear layers, GELU between them),
     then ``z / ||z||``, then a linear layer to ``out_dim`` prototypes whose rows are L2

@@ -613,8 +613,9 @@ class FusedBasicLayer(BasicLayer):
         return x.movedim(-1, 1)
 
 
-# MONAI's PatchMerging concatenates the 2x2x2 neighbours in this order of (z, y, x) offsets;
-# PatchMergingV2 in raster order. Index of each of MONAI's blocks in raster order (4z + 2y + x):
+# MONAI's PatchMerging concatenates the 2x2x2 neighbours in this order of offsets along the three array
+# axes (a0, a1, a2) = (R, A, S); PatchMergingV2 in raster order. Index of each block in raster order
+# (4·a0 + 2·a1 + a2):
 MERGE_ORDER = {PatchMerging: (0, 4, 2, 1, 6, 5, 3, 7), PatchMergingV2: tuple(range(8))}
 MERGE_DIMS = 3
 

@@ -24,7 +24,7 @@ Two mixes, named in :data:`DISTORTIONS`:
   out-painting, local shuffling or nothing, and no intensity remap.
 
 Differences from the original code, all deliberate: the Bézier curve is made monotone (sorted
-control points) as methods.md asks, the original's "flip" (a decreasing curve) kept with
+control points) as docs/methods.md (DiRA-3D) describes, the original's "flip" (a decreasing curve) kept with
 probability ``invert_prob``; shuffling uses one random, non-overlapping grid of cubes per call
 instead of 10 000 overlapping blocks, so each cube's voxel multiset is preserved; painting always
 draws at least one box.

@@ -9,7 +9,7 @@ from medssl3d.losses.dino import DINOLoss
 
 
 def _plain(student, teacher, center, tau_s, tau_t):
-    """H(t, s) written out with explicit loops over rows, as in methods.md §0."""
+    """H(t, s) written out with explicit loops over rows, as in docs/methods.md ("Shared pieces")."""
     total = 0.0
     for s_row, t_row in zip(student, teacher, strict=True):
         p = torch.exp((t_row - center) / tau_t) / torch.exp((t_row - center) / tau_t).sum()

@@ -117,7 +117,7 @@ def test_vit_tiny_shapes_and_strides(vit):
 
 
 def test_vit_token_order_follows_the_zyx_grid(vit):
-    # a bright patch at grid cell (z, y, x) = (1, 2, 3) changes the patch embedding of token
+    # a bright patch at grid cell (R, A, S) = (1, 2, 3) changes the patch embedding of token
     # z*16 + y*4 + x only (before the transformer mixes tokens)
     x = torch.zeros(1, 1, SIDE, SIDE, SIDE)
     x[..., 16:32, 32:48, 48:64] = 1.0
