@@ -7,9 +7,10 @@ and AFiRe's alignment (foreground crop, resize to the model's grid), exactly as 
 On that grid two maps are computed: the voxel restoration error ``|x - restore(x)|`` smoothed
 by a Gaussian, where each token is restored with its mask token from its neighbours
 (:meth:`~medssl3d.methods.afire.Afire.anomaly_maps`: what the anomaly-removal objective trains), and
-the per-token distance to the position's prototype mean, spread over each token's patch. Every preprocessing step is a MONAI ``InvertibleTransform``, so ``Compose.inverse``
-(resize back, un-crop with zeros, resample to the input spacing, reorient) puts each map on the
-input's voxel grid with the input's affine: the heatmaps overlay the input voxel for voxel.
+the per-token distance to the position's prototype mean, spread over each token's patch. Every
+preprocessing step is a MONAI ``InvertibleTransform``, so ``Compose.inverse`` (resize back, un-crop
+with zeros, resample to the input spacing, reorient) puts each map on the input's voxel grid with the
+input's affine: the heatmaps overlay the input voxel for voxel.
 """
 
 from __future__ import annotations

@@ -503,6 +503,7 @@ def afire_transforms(
     template: str | os.PathLike | None = None,
     registration_cache_dir: str | os.PathLike | None = None,
     extent_tolerance: float | None = EXTENT_TOLERANCE,
+    alignment_cache_dir: str | os.PathLike | None = None,
     polarity: str = "hyperdense",
     num_lesions: tuple[int, int] = (MIN_LESIONS, MAX_LESIONS),
     extent_fraction: tuple[float, float] = EXTENT_FRACTION,
@@ -524,6 +525,8 @@ def afire_transforms(
         registration_cache_dir: on-disk cache of the registration transforms (each case registered once).
         extent_tolerance: without a template, warn about cases whose foreground box departs from the median
             box by more than this fraction on any axis (None: never); see ``ForegroundExtentCheckd``.
+        alignment_cache_dir: keep each case's aligned volume here, so that the (deterministic) alignment runs
+            once per case, not once per view; the views are the same bit for bit (None: no cache).
         polarity: "hyperdense" (lesions add) or "hypodense" (they subtract).
         num_lesions: inclusive (min, max) lesion count.
         extent_fraction: range of a lesion's extent per axis as a fraction of the side.
@@ -548,6 +551,7 @@ def afire_transforms(
                 template=template,
                 registration_cache_dir=registration_cache_dir,
                 extent_tolerance=extent_tolerance,
+                cache_dir=alignment_cache_dir,
             ),
             RandSyntheticLesiond(
                 image_key,

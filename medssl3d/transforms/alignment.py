@@ -23,12 +23,14 @@ See ``docs/methods.md`` (section "AFiRe-3D").
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import re
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import monai
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,7 @@ from monai.utils import ensure_tuple_rep
 
 from medssl3d.data.errors import InputError
 from medssl3d.transforms.correspondence import Volume
+from medssl3d.transforms.disk_cache import DiskCachedd, content_fingerprint
 from medssl3d.transforms.registration import DEFAULT_AFFINE_ITERATIONS, DEFAULT_COARSE_SPACING, RegistrationProvider
 
 logger = logging.getLogger(__name__)
@@ -250,10 +253,11 @@ class ForegroundExtentCheckd(MapTransform):
     """Warn when a case's foreground box differs in extent from the cases seen before it; data pass unchanged.
 
     Placed after the foreground crop (and the resize, which keeps the field of view), the volume's shape
-    times its voxel spacing is the box extent (mm for a ``MetaTensor``, voxels otherwise). Each case is recorded once under its source file name
-    (``filename_or_obj``); a new case whose extent on any axis departs from the median extent of the cases
-    recorded before it by more than ``tolerance`` (relative) is logged as a warning that names it, its
-    extent and the median. Each ``DataLoader`` worker keeps its own record.
+    times its voxel spacing is the box extent (mm for a ``MetaTensor``, voxels otherwise). Each case is
+    recorded once under its source file name (``filename_or_obj``); a new case whose extent on any axis
+    departs from the median extent of the cases recorded before it by more than ``tolerance`` (relative)
+    is logged as a warning that names it, its extent and the median. Each ``DataLoader`` worker keeps its
+    own record.
 
     Args:
         keys: the image key (the first key is read).
@@ -316,6 +320,7 @@ def alignment_transforms(
     registration_iterations: int = REGISTRATION_ITERATIONS,
     registration_cache_dir: str | os.PathLike | None = None,
     extent_tolerance: float | None = EXTENT_TOLERANCE,
+    cache_dir: str | os.PathLike | None = None,
 ) -> Compose:
     """Fixed-grid alignment after a data preset: [register to template] -> foreground crop -> resize.
 
@@ -331,9 +336,11 @@ def alignment_transforms(
         registration_cache_dir: on-disk cache of the case transforms (None: memory only).
         extent_tolerance: without a template, warn when a case's foreground box departs from the median
             box by more than this (relative, any axis; see :class:`ForegroundExtentCheckd`); None: never.
+        cache_dir: keep each case's aligned volumes here and read them back on later calls
+            (:class:`~medssl3d.transforms.disk_cache.DiskCachedd`, bit for bit); None: align on every call.
 
     Returns:
-        An invertible ``Compose`` giving ``{key: MetaTensor (1, *size)}``.
+        A ``Compose`` giving ``{key: MetaTensor (1, *size)}``, invertible unless ``cache_dir`` is set.
 
     Raises:
         ValueError: empty ``keys`` or a non-positive size.
@@ -373,6 +380,18 @@ def alignment_transforms(
             anti_aliasing=(True,) + (False,) * (len(keys) - 1),
         ),
     ]
+    if cache_dir is not None:
+        if template is None or isinstance(template, (str, os.PathLike)):
+            described = str(template)
+        else:
+            described = hashlib.sha256(content_fingerprint(template)).hexdigest()
+        settings = (
+            f"alignment keys={keys} size={size} threshold={foreground_threshold} margin={margin} "
+            f"template={described} coarse_spacing={coarse_spacing} iterations={registration_iterations} "
+            f"monai={monai.__version__}"
+        )
+        steps = [DiskCachedd(keys, Compose(steps), cache_dir, settings)]
+    # After the cache, so that every case is checked in every run.
     if template is None and extent_tolerance is not None:
         steps.append(ForegroundExtentCheckd(keys[0], tolerance=extent_tolerance))
     return Compose(steps)

@@ -8,6 +8,7 @@ from monai.bundle import ConfigParser
 
 from medssl3d.methods.afire import AfireConfig
 from medssl3d.transforms.alignment import ForegroundExtentCheckd, find_spatial_augmentations
+from medssl3d.transforms.disk_cache import DiskCachedd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,6 +35,8 @@ def test_method_and_views_take_the_bundle_settings(tmp_path):
     views = parser.get_parsed_content("train#preprocessing")
     checks = [t for t in _flatten(views) if isinstance(t, ForegroundExtentCheckd)]
     assert [c.tolerance for c in checks] == [0.1]
+    caches = [t for t in _flatten(views) if isinstance(t, DiskCachedd)]
+    assert [c.cache_dir for c in caches] == [Path(parser.get_parsed_content("cache_dir")) / "alignment"]
     assert find_spatial_augmentations(views) == []
 
 
