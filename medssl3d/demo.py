@@ -26,13 +26,14 @@ from medssl3d.bundle_support.workflow import run_workflow
 from medssl3d.data.presets import cached_dataset, preset_for
 from medssl3d.data.sample import fetch_sample_data
 from medssl3d.engine.trainer import Pretrainer
+from medssl3d.jobs.bundles import resource_dir
 from medssl3d.methods.swin_ssl import build_swin_ssl, swin_ssl_transforms
 from medssl3d.networks.backbones import BACKBONE_SIZES
 from medssl3d.transfer.export import save_weights
 
 logger = logging.getLogger(__name__)
 
-BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
+BUNDLES_DIR = resource_dir("bundles")
 TASK = "brain_extraction"
 ARMS = ("scratch", "pretrained")
 DICE_REPORT = "dice_per_class.json"

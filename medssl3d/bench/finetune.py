@@ -18,11 +18,12 @@ from typing import Any
 
 from medssl3d.bundle_support.workflow import run_workflow
 from medssl3d.data.presets import PresetConfig
+from medssl3d.jobs.bundles import bundle_dir
 from medssl3d.networks.backbones import BACKBONE_SIZES
 
 logger = logging.getLogger(__name__)
 
-SEGMENTATION_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "segmentation"
+SEGMENTATION_BUNDLE = bundle_dir("segmentation")
 DICE_REPORT = "dice_per_class.json"
 #: Network families of the segmentation bundle by the encoder they take.
 ARCH_BY_TARGET = {"swinunetr": "swinunetr", "unetr": "unetr"}

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from medssl3d.data.presets import PresetConfig
+from medssl3d.jobs.bundles import resource_dir
 
 logger = logging.getLogger(__name__)
 
-BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
+BUNDLES_DIR = resource_dir("bundles")
 TRAIN_CONFIG = "train.json"
 META_CONFIG = "metadata.json"
 #: Share of a short run spent in the learning-rate warm-up (at least one step).

@@ -36,6 +36,7 @@ from medssl3d.bundle_support.smoke_data import write_smoke_datalist
 from medssl3d.data.presets import CT_PRESET
 from medssl3d.engine.config import TrainConfig
 from medssl3d.engine.trainer import Pretrainer
+from medssl3d.jobs.bundles import resource_dir
 from medssl3d.methods import METHODS, build_method
 from medssl3d.methods.ace import ace_transforms
 from medssl3d.methods.afire import afire_transforms
@@ -53,7 +54,7 @@ KIND = "step"
 BASELINE = "swin_ssl"
 REFERENCE = "reference"
 METHOD_ORDER = ("swin_ssl", "alice", "afire", "dira", "ace")
-METHOD_PRESETS = Path(__file__).resolve().parents[2] / "configs" / "methods"
+METHOD_PRESETS = resource_dir("configs") / "methods"
 PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 DEVICES = ("auto", "cpu", "cuda")
 PHANTOM_MARGIN = 1.25  # phantom side relative to the crop, so crops are drawn from a larger body

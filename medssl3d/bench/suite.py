@@ -9,9 +9,10 @@ from typing import TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from medssl3d.jobs.bundles import resource_dir
 from medssl3d.methods.presets import config_from_yaml
 
-SUITE_DIR = Path(__file__).resolve().parents[2] / "configs" / "bench"
+SUITE_DIR = resource_dir("configs") / "bench"
 
 SuiteT = TypeVar("SuiteT")
 

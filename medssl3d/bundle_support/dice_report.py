@@ -105,7 +105,7 @@ class DicePerClassWriter:
             writer.writeheader()
             writer.writerows(report["cases"])
             writer.writerow({"image": "mean", **per_class})
-        logger.info("Dice per class: %s (written to %s)", per_class, self.save_dir)
+        logger.info("%s per class: %s (written to %s)", self.metric_name, per_class, self.save_dir)
 
 
 def _nanmean(values: torch.Tensor) -> float | None:

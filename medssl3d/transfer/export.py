@@ -257,7 +257,12 @@ def load_pretrained_into(
     if not path:
         logger.info("%s: no pretrained weights given, training from scratch", type(net).__name__)
         return net
-    load_pretrained(net, path, require_full_encoder=require_full_encoder)
+    try:
+        load_pretrained(net, path, require_full_encoder=require_full_encoder)
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: {e}") from e  # name the file: the user passed it
     return net
 
 
