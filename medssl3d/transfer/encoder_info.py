@@ -98,20 +98,28 @@ def describe_encoder(run_info: Mapping[str, Any], *, steps: int, source: str) ->
     return {**run_info, "steps": int(steps), "source": source, "medssl3d_version": medssl3d.__version__}
 
 
-def export_encoder(trainer: Any, path: str | os.PathLike, *, source: str | None = None) -> Path | None:
-    """Save the encoder of a finished pretraining run with its description (rank 0 writes; others get None).
+def export_encoder(
+    trainer: Any, path: str | os.PathLike, *, target: str, source: str | None = None
+) -> Path | None:
+    """Save the encoder of a finished pretraining run, described where the run has ``run_info``.
+
+    Rank 0 writes; other ranks get ``None``. A run without ``run_info`` (an export target the segmentation
+    bundle does not take, e.g. DiRA's ``basicunet``) is saved as a plain state dict.
 
     Args:
-        trainer: the run's :class:`~medssl3d.engine.trainer.Pretrainer` (built with ``run_info``).
+        trainer: the run's :class:`~medssl3d.engine.trainer.Pretrainer`.
         path: the encoder file to write.
+        target: ``"swinunetr"``, ``"unetr"`` (or another target the method exports to).
         source: ``"teacher"`` / ``"student"``; ``None``: the method's default (the EMA teacher where it has one).
     """
     if not is_main_process():
         return None
     method = trainer.method
     source = source or method.default_export_source()
-    info = describe_encoder(trainer.run_info, steps=trainer.step, source=source)
-    return save_encoder(method.export_state_dict(info["export_target"], source=source), path, info)
+    state = method.export_state_dict(target, source=source)
+    if not trainer.run_info:
+        return atomic_torch_save(dict(state), path)
+    return save_encoder(state, path, describe_encoder(trainer.run_info, steps=trainer.step, source=source))
 
 
 def save_encoder(state: Mapping[str, Tensor], path: str | os.PathLike, info: Mapping[str, Any]) -> Path:

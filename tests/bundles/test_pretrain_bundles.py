@@ -16,6 +16,7 @@ from monai.networks.nets import UNETR, SwinUNETR
 from medssl3d.bundle_support.verify import verify_bundle
 from medssl3d.engine.checkpoint import load_checkpoint
 from medssl3d.networks.backbones import BACKBONE_SIZES
+from medssl3d.transfer.encoder_info import read_encoder_info
 from medssl3d.transfer.export import load_pretrained
 
 BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
@@ -74,8 +75,17 @@ def test_smoke_run_through_config_workflow(bundle, tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "runs" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
     target, net = smoke_target_network(bundle)
-    report = load_pretrained(net, tmp_path / "models" / f"encoder_{target}.pt")
+    encoder = tmp_path / "models" / f"encoder_{target}.pt"
+    report = load_pretrained(net, encoder)
     assert report.encoder_matched == report.encoder_total > 0
+    # the encoder describes itself: what the segmentation bundle configures itself from
+    info = read_encoder_info(encoder)
+    method = wf.parser.get_parsed_content("method")
+    assert (info["method"], info["export_target"], info["steps"]) == (bundle, target, ckpt["step"])
+    assert info["source"] == method.default_export_source()
+    assert info["roi_size"] == list(wf.parser.get_parsed_content("roi_size"))
+    assert info["preset"]["modality"] == wf.parser.get_parsed_content("preset").modality
+    assert ckpt["run_info"] == {k: v for k, v in info.items() if k not in ("steps", "source", "medssl3d_version")}
 
 
 @pytest.mark.slow
