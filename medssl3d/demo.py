@@ -29,13 +29,14 @@ from medssl3d.engine.trainer import Pretrainer
 from medssl3d.jobs.bundles import resource_dir
 from medssl3d.methods.swin_ssl import build_swin_ssl, swin_ssl_transforms
 from medssl3d.networks.backbones import BACKBONE_SIZES
-from medssl3d.transfer.export import save_weights
+from medssl3d.transfer.encoder_info import encoder_run_info, export_encoder
 
 logger = logging.getLogger(__name__)
 
 BUNDLES_DIR = resource_dir("bundles")
 TASK = "brain_extraction"
 ARMS = ("scratch", "pretrained")
+EXPORT_TARGET = "swinunetr"
 DICE_REPORT = "dice_per_class.json"
 
 
@@ -54,7 +55,11 @@ class DemoConfig:
         finetune_samples: random crops per head per epoch.
         finetune_lr: fine-tuning learning rate.
         val_interval: epochs between validations (the best model is kept).
-        seed: seed of both arms, so that they differ only in their initial encoder.
+        seeds: fine-tuning seeds; both arms run with each, so that a pair differs only in its initial encoder.
+        pretrain_seed: seed of the pretraining run.
+        warmup_epochs: fine-tuning warm-up (the segmentation bundle's ``warmup_epochs``).
+        encoder_lr_scale: the pretrained encoder's learning rate as a fraction of ``finetune_lr``.
+        freeze_encoder_epochs: epochs with the pretrained encoder frozen at the start of fine-tuning.
         budget_minutes: the run time this configuration is sized for on a 2-core CPU.
     """
 
@@ -68,12 +73,16 @@ class DemoConfig:
     finetune_samples: int = 2
     finetune_lr: float = 1e-3
     val_interval: int = 4
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1)
+    pretrain_seed: int = 0
+    warmup_epochs: float = 0.0
+    encoder_lr_scale: float = 1.0
+    freeze_encoder_epochs: int = 0
     budget_minutes: int = 15
 
 
 # A plumbing check of every stage in a couple of minutes (`medssl3d demo --quick`); its Dice means nothing.
-QUICK = DemoConfig(pretrain_steps=2, finetune_epochs=2, val_interval=1, budget_minutes=4)
+QUICK = DemoConfig(pretrain_steps=2, finetune_epochs=2, val_interval=1, seeds=(0,), budget_minutes=4)
 
 
 def run_demo(
@@ -103,31 +112,36 @@ def run_demo(
     encoder = _pretrain(data.pretrain_pool(exclude_task=TASK), preset, out, config)
 
     bundle = _prepare_bundle(out / "bundle", datalist, config)
-    dice = {}
+    dice: dict[tuple[str, int], dict] = {}
+    for seed in config.seeds:
+        for arm in ARMS:
+            print(f"\n[3/4] fine-tuning brain extraction from {arm}, seed {seed} ({config.finetune_epochs} epochs)")
+            run = out / "finetune" / f"seed{seed}" / arm
+            overrides = {**_bundle_overrides(datalist, run, config), "seed": seed,
+                         "pretrained": str(encoder) if arm == "pretrained" else ""}
+            run_workflow(bundle, ["train"], "train", overrides, apply_logging=True)
+            run_workflow(bundle, ["train", "evaluate"], "train", {**overrides, "eval_split": "test"},
+                         apply_logging=True)
+            dice[(arm, seed)] = json.loads((run / "eval" / DICE_REPORT).read_text())
+    first = out / "finetune" / f"seed{config.seeds[0]}"
     for arm in ARMS:
-        print(f"\n[3/4] fine-tuning brain extraction from {arm} ({config.finetune_epochs} epochs)")
-        run = out / "finetune" / arm
-        overrides = _bundle_overrides(datalist, run, config)
-        overrides["pretrained"] = str(encoder) if arm == "pretrained" else ""
-        run_workflow(bundle, ["train"], "train", overrides, apply_logging=True)
-        run_workflow(bundle, ["train", "evaluate"], "train", {**overrides, "eval_split": "test"},
-                     apply_logging=True)
-        dice[arm] = json.loads((run / "eval" / DICE_REPORT).read_text())
         run_workflow(
             bundle, ["inference"], "infer",
-            {**_inference_overrides(run), "datalist": [test_case["image"]]}, apply_logging=True,
+            {**_inference_overrides(first / arm), "datalist": [test_case["image"]]}, apply_logging=True,
         )
-    shutil.copy2(out / "finetune" / "pretrained" / "models" / "model.pt", bundle / "models" / "model.pt")
+    shutil.copy2(first / "pretrained" / "models" / "model.pt", bundle / "models" / "model.pt")
 
     print("\n[4/4] results on the held-out head")
-    table = _dice_table(dice)
+    table = dice_table(dice, config.seeds)
     print(table)
     (out / "dice_table.md").write_text(table + "\n")
-    figure = _figure(test_case, {arm: _prediction(out / "finetune" / arm) for arm in ARMS}, dice, out / "demo.png")
+    figure = _figure(test_case, {arm: _prediction(first / arm) for arm in ARMS},
+                     {arm: dice[(arm, config.seeds[0])] for arm in ARMS}, out / "demo.png")
     minutes = (time.monotonic() - start) / 60
     print(
-        f"\nfigure: {figure}\nDice table: {out / 'dice_table.md'}\n"
-        f"fine-tuned bundle (MONAI Label-ready): {bundle}\nfinished in {minutes:.1f} minutes"
+        f"\nfigure (seed {config.seeds[0]}): {figure}\nDice table: {out / 'dice_table.md'}\n"
+        f"fine-tuned bundle (MONAI Label-ready, pretrained arm, seed {config.seeds[0]}): {bundle}\n"
+        f"finished in {minutes:.1f} minutes"
     )
     return 0
 
@@ -159,23 +173,25 @@ def _write_task_datalist(source: Path, target: Path) -> tuple[Path, dict]:
 
 
 def _pretrain(pool: list[dict], preset, out: Path, config: DemoConfig) -> Path:
-    """Pretrain the baseline on the MRI heads of ``pool``; returns the encoder exported for SwinUNETR."""
-    heads = [e for e in pool if e["modality"] == "MRI"]
-    print("pretraining pool: " + ", ".join(e["case"] for e in heads))
+    """Pretrain the baseline on the MRI scans of ``pool``; returns the self-describing SwinUNETR encoder."""
+    scans = [e for e in pool if e["modality"] == "MRI"]
+    print("pretraining pool: " + ", ".join(e["case"] for e in scans))
     dataset = cached_dataset(
-        heads, preset, out / "cache", keys=("image",),
+        scans, preset, out / "cache", keys=("image",),
         extra_transforms=[swin_ssl_transforms(roi=(config.roi,) * 3)],
     )
     method = build_swin_ssl(backbone_size=config.backbone_size)
+    run_info = encoder_run_info(method=method.name, export_target=EXPORT_TARGET, backbone_size=config.backbone_size,
+                                roi_size=(config.roi,) * 3, preset=preset)
     trainer = Pretrainer(
         method, dataset, max_steps=config.pretrain_steps, batch_size=config.pretrain_batch,
         lr=config.pretrain_lr, warmup_steps=max(1, config.pretrain_steps // 10),
-        ckpt_every=config.pretrain_steps // 2, log_every=5, out_dir=str(out / "pretrain"), seed=config.seed,
-        resume=None,
+        ckpt_every=config.pretrain_steps, log_every=5, out_dir=str(out / "pretrain"), seed=config.pretrain_seed,
+        resume=None, run_info=run_info,
     )
     summary = trainer.run()
     print(f"pretraining loss {summary['loss_history'][0]:.3f} -> {summary['final_loss']:.3f}")
-    return save_weights(method.export_state_dict("swinunetr"), out / "pretrain" / "encoder_swinunetr.pt")
+    return export_encoder(trainer, out / "pretrain" / f"encoder_{EXPORT_TARGET}.pt", target=EXPORT_TARGET)
 
 
 def _prepare_bundle(target: Path, datalist: Path, config: DemoConfig) -> Path:
@@ -218,8 +234,10 @@ def _bundle_overrides(datalist: Path, run: Path, config: DemoConfig) -> dict:
         "num_samples": config.finetune_samples,
         "num_workers": 0,
         "learning_rate": config.finetune_lr,
+        "warmup_epochs": config.warmup_epochs,
+        "encoder_lr_scale": config.encoder_lr_scale,
+        "freeze_encoder_epochs": config.freeze_encoder_epochs,
         "val_interval": config.val_interval,
-        "seed": config.seed,
         "train#trainer#max_epochs": config.finetune_epochs,
     }
 
@@ -235,15 +253,32 @@ def _prediction(run: Path) -> Path:
     return found[0]
 
 
-def _dice_table(dice: dict[str, dict]) -> str:
-    classes = [c for c in dice[ARMS[0]]["per_class"]]
-    lines = ["| initialisation | " + " | ".join(f"Dice {c}" for c in classes) + " |",
-             "|---|" + "---|" * len(classes)]
-    for arm in ARMS:
-        lines.append(f"| {arm} | " + " | ".join(f"{dice[arm]['per_class'][c]:.3f}" for c in classes) + " |")
-    gain = [dice["pretrained"]["per_class"][c] - dice["scratch"]["per_class"][c] for c in classes]
-    lines.append("| pretrained − scratch | " + " | ".join(f"{g:+.3f}" for g in gain) + " |")
-    return "\n".join(lines)
+def dice_table(dice: dict[tuple[str, int], dict], seeds: tuple[int, ...]) -> str:
+    """Markdown: test Dice per seed and arm, the paired difference, its mean, and a plain verdict.
+
+    Args:
+        dice: ``{(arm, seed): Dice report}`` for both :data:`ARMS` and every seed.
+        seeds: the seeds, in order.
+    """
+    classes = list(dice[(ARMS[0], seeds[0])]["per_class"])
+    lines = ["| seed | class | scratch | pretrained | pretrained − scratch |", "|---|---|---|---|---|"]
+    diffs = []
+    for seed in seeds:
+        for c in classes:
+            a, b = (dice[(arm, seed)]["per_class"][c] for arm in ARMS)
+            diffs.append(b - a)
+            lines.append(f"| {seed} | {c} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
+    mean = sum(diffs) / len(diffs)
+    means = [sum(dice[(arm, s)]["mean"] for s in seeds) / len(seeds) for arm in ARMS]
+    lines.append(f"| mean | all | {means[0]:.3f} | {means[1]:.3f} | {mean:+.3f} |")
+    if mean > 0 and min(diffs) >= 0:
+        verdict = f"Pretraining helped: {mean:+.3f} Dice on the held-out head, in every seed."
+    elif mean > 0:
+        verdict = f"Pretraining helped on average ({mean:+.3f} Dice) but not in every seed: the difference is noise-sized."
+    else:
+        verdict = (f"Pretraining did not help at this size: {mean:+.3f} Dice against scratch on the held-out head. "
+                   "The demo's budget is minutes of CPU; see the README, 'Does pretraining help?'.")
+    return "\n".join(lines) + f"\n\n{verdict} (paired over seeds {list(seeds)})"
 
 
 def _figure(test_case: dict, predictions: dict[str, Path], dice: dict[str, dict], path: Path) -> Path:
