@@ -3,9 +3,9 @@
 The job runs ``bundles/<method>/configs/train.json`` with overrides for the data, the run folder, the size and
 the budget. Everything goes under ``--out``: ``datalist.json`` (when the data was a folder),
 ``runs/checkpoints/last.pt`` (the engine resumes from it when the same command runs again),
-``runs/metrics.jsonl`` and ``models/encoder_<target>.pt``, the exported encoder with its description (method,
-width, crop, preset), which ``medssl3d finetune --pretrained`` configures itself from. With ``--gpus N`` (N > 1)
-the command starts itself again under ``torchrun --nproc_per_node N`` with the bundle's
+``runs/metrics.jsonl`` and ``models/encoder_<target>.pt``, the bundle's exported encoder with its description
+(method, width, crop, preset), which ``medssl3d finetune --pretrained`` configures itself from. With
+``--gpus N`` (N > 1) the command starts itself again under ``torchrun --nproc_per_node N`` with the bundle's
 ``multi_gpu_train.json`` overlay.
 """
 
@@ -41,7 +41,6 @@ SHOWN = (
 )
 #: Progress lines of a run given ``--steps`` (the engine logs every ``log_every`` steps, at most the bundle's).
 PROGRESS_LINES = 20
-ENCODER_INFO_IMPORT = "$import medssl3d.transfer.encoder_info"
 
 
 @dataclass(frozen=True)
@@ -150,23 +149,6 @@ def preset_overrides(method: str, preset: str, parser) -> dict[str, Any]:
     return overrides
 
 
-def described_export_overrides(parser) -> dict[str, Any]:
-    """Overrides that make the bundle's exported encoder describe itself (method, width, crop, preset).
-
-    The engine keeps the run's description (``run_info``) in its checkpoints, and the export writes it beside
-    the weights, so that ``medssl3d finetune`` builds the matching network and preprocessing from the file.
-    """
-    run_info = (
-        "$medssl3d.transfer.encoder_info.encoder_run_info(method=@network_def.name, export_target=@export_target, "
-        "backbone_size=@backbone_size, roi_size=@roi_size, preset=@preset)"
-    )
-    return {
-        "imports": [*parser.get("imports", []), ENCODER_INFO_IMPORT],
-        "train#trainer#run_info": run_info,
-        "export": "$medssl3d.transfer.encoder_info.export_encoder(@train#trainer, @export_path)",
-    }
-
-
 def pretrain_job(request: PretrainRequest, datalist: Path, *, distributed: bool) -> BundleJob:
     """The bundle run of ``request`` reading ``datalist``; ``distributed`` adds the multi-GPU overlay.
 
@@ -181,7 +163,6 @@ def pretrain_job(request: PretrainRequest, datalist: Path, *, distributed: bool)
         "datalist": str(datalist),
         "output_dir": str(out / "runs"),
         "ckpt_dir": str(out / "models"),
-        **described_export_overrides(parser),
     }
     if request.preset is not None:
         overrides.update(preset_overrides(request.method, request.preset, parser))
