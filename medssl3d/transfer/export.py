@@ -5,6 +5,13 @@ the student backbone's tensors live in ``"model"`` under :data:`STUDENT_BACKBONE
 a backbone's own keys are the wrapped MONAI network's keys under ``net.`` (see
 :mod:`medssl3d.networks.backbones`), so export is a prefix rewrite and loading counts names and
 shapes instead of trusting ``strict=False``.
+
+Weights users already hold load the same way: MONAI's published Swin UNETR self-supervised weights
+(``model_swinvit.pt`` of Project-MONAI research-contributions ``SwinUNETR/Pretrain``, the file
+``SwinUNETR.load_from`` reads) are recognised by their layout, ``{"state_dict": {"module.<SSLHead key>": ...}}``
+with the SwinViT keys at the top (``module.patch_embed.proj.weight``, ``module.layers1.0.blocks.0.mlp.fc1.weight``),
+and mapped to ``swinViT.*`` keys; their pretraining heads (``rotation_head``, ``contrastive_head``, ``conv``)
+are dropped and reported.
 """
 
 from __future__ import annotations
@@ -28,9 +35,12 @@ __all__ = [
     "ENCODER_INFO_KEY",
     "STATE_DICT_KEY",
     "STUDENT_BACKBONE_PREFIX",
+    "ImportedWeights",
     "LoadReport",
     "atomic_torch_save",
     "export_weights",
+    "import_weights",
+    "is_monai_ssl_layout",
     "load_weights_file",
     "load_pretrained",
     "load_pretrained_into",
@@ -49,6 +59,14 @@ ENCODER_INFO_KEY = "medssl3d_encoder"
 """The key of an encoder file that holds its description."""
 MAX_LISTED_KEYS = 5
 """How many offending keys an error message quotes before summarising the rest."""
+MONAI_SSL_PREFIX = "module."
+"""Prefix of every key of MONAI's published SSL weights (saved from ``DataParallel``)."""
+MONAI_SSL_ENCODER_STARTS = ("patch_embed.", "layers")
+"""SwinViT keys of MONAI's published SSL weights: the patch embedding and the stages ``layers1``..``layers4``."""
+MONAI_SSL_RENAMES = ((".mlp.fc1.", ".mlp.linear1."), (".mlp.fc2.", ".mlp.linear2."))
+"""The SSL weights' MLP layer names -> MONAI ``MLPBlock`` names (as ``SwinTransformerBlock.load_from`` maps them)."""
+LAYOUT_MEDSSL3D = "medssl3d"
+LAYOUT_MONAI_SSL = "monai_ssl"
 
 WeightsLike = str | os.PathLike | Mapping[str, Tensor]
 
@@ -62,6 +80,32 @@ def load_weights_file(path: str | os.PathLike) -> Mapping:
     if not isinstance(obj, Mapping):
         raise ValueError(f"weights file {str(path)!r} holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def is_monai_ssl_layout(keys: list[str]) -> bool:
+    """True for the key layout of MONAI's published Swin UNETR SSL weights (``module.patch_embed.proj.weight``, ...)."""
+    return bool(keys) and all(k.startswith(MONAI_SSL_PREFIX) for k in keys) and any(
+        k.startswith(MONAI_SSL_PREFIX + MONAI_SSL_ENCODER_STARTS[0]) for k in keys
+    )
+
+
+def _from_monai_ssl(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """MONAI SSL weights as SwinUNETR ``swinViT.*`` tensors, and the keys dropped (the pretraining heads)."""
+    encoder, dropped = {}, []
+    for key, value in state.items():
+        name = key[len(MONAI_SSL_PREFIX) :]
+        if not name.startswith(MONAI_SSL_ENCODER_STARTS):
+            dropped.append(key)
+            continue
+        for old, new in MONAI_SSL_RENAMES:
+            name = name.replace(old, new)
+        encoder[EXPORT_TARGETS["swinunetr"].encoder_prefix + name] = value.detach().cpu()
+    return encoder, dropped
+
+
+def _head_names(dropped: list[str]) -> list[str]:
+    """``["conv", "rotation_head", ...]``: the modules the dropped keys belong to."""
+    return sorted({k[len(MONAI_SSL_PREFIX) :].split(".", 1)[0] for k in dropped})
 
 
 def _infer_target(keys: list[str]) -> str:
@@ -80,6 +124,22 @@ def _infer_target(keys: list[str]) -> str:
     )
 
 
+@dataclass(frozen=True)
+class ImportedWeights:
+    """Weights keyed for a MONAI network, with where they came from.
+
+    Attributes:
+        state: the tensors, keyed as the target network's state dict.
+        layout: :data:`LAYOUT_MEDSSL3D` (a medssl3d checkpoint, backbone or export) or :data:`LAYOUT_MONAI_SSL`
+            (MONAI's published Swin UNETR SSL weights).
+        dropped: source keys that belong to no network of the target (the SSL weights' pretraining heads).
+    """
+
+    state: dict[str, Tensor]
+    layout: str = LAYOUT_MEDSSL3D
+    dropped: list[str] = field(default_factory=list)
+
+
 def export_weights(
     checkpoint_or_state: WeightsLike, target: str | None = None, source: str = "student"
 ) -> dict[str, Tensor]:
@@ -89,19 +149,31 @@ def export_weights(
         checkpoint_or_state: a path to a pretraining checkpoint or a saved state dict (read
             with ``weights_only=True``), or an in-memory dict: a checkpoint
             (``{"model": method_state, ...}``), a method state dict (student backbone under
-            ``student.backbone.``), a backbone state dict (``net.*``), or an already exported
+            ``student.backbone.``), a backbone state dict (``net.*``), an already exported
             dict (``swinViT.*`` / ``vit.*``, passed through), plain or inside an encoder file
-            (``{"state_dict": ..., "medssl3d_encoder": ...}``).
+            (``{"state_dict": ..., "medssl3d_encoder": ...}``), or MONAI's published Swin UNETR SSL
+            weights (``model_swinvit.pt``: ``{"state_dict": {"module.patch_embed.proj.weight": ...}}``).
         target: ``"swinunetr"`` or ``"unetr"``; ``None`` infers it from the keys.
         source: which backbone of a checkpoint or method state dict: ``"student"`` or ``"teacher"``.
 
     Returns:
         A state dict loadable into MONAI ``SwinUNETR`` (``swinViT.*`` [+ ``encoder*``/``decoder*``])
-        or ``UNETR`` (``vit.*``); never SwinUNETR's ``out.`` conv.
+        or ``UNETR`` (``vit.*``); never SwinUNETR's ``out.`` conv nor the SSL weights' heads.
 
     Raises:
         ValueError: for a missing/unreadable file, unrecognisable keys, weights of the other family, an
             unknown ``source``, or a method state dict without that backbone.
+    """
+    return import_weights(checkpoint_or_state, target, source).state
+
+
+def import_weights(
+    checkpoint_or_state: WeightsLike, target: str | None = None, source: str = "student"
+) -> ImportedWeights:
+    """:func:`export_weights` with the layout it recognised and the source tensors it dropped.
+
+    Raises:
+        ValueError: as :func:`export_weights`.
     """
     if source not in BACKBONE_PREFIXES:
         raise ValueError(f"source must be one of {sorted(BACKBONE_PREFIXES)}, got {source!r}")
@@ -113,6 +185,15 @@ def export_weights(
     for wrapper in (CHECKPOINT_MODEL_KEY, STATE_DICT_KEY):
         if wrapper in state and isinstance(state[wrapper], Mapping):
             state = state[wrapper]
+    if is_monai_ssl_layout(list(state)):
+        if target not in (None, "swinunetr"):
+            raise ValueError(f"MONAI's Swin UNETR SSL weights are for 'swinunetr', not for target {target!r}")
+        encoder, dropped = _from_monai_ssl(state)
+        logger.info(
+            "MONAI Swin UNETR SSL weights (model_swinvit.pt layout): %d SwinViT tensors; %d tensors of the "
+            "pretraining heads %s dropped", len(encoder), len(dropped), _head_names(dropped),
+        )
+        return ImportedWeights(encoder, LAYOUT_MONAI_SSL, dropped)
     if any(k.startswith(STUDENT_BACKBONE_PREFIX) for k in state):
         prefix = BACKBONE_PREFIXES[source]
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -128,8 +209,8 @@ def export_weights(
         raise ValueError(f"weights are for {inferred!r}, not for target {target!r}")
     spec = EXPORT_TARGETS[target]
     if any(k.startswith(spec.encoder_prefix) for k in keys):  # already exported
-        return {k: v.detach().cpu() for k, v in state.items() if not k.startswith("out.")}
-    return to_target_keys(state, target)
+        return ImportedWeights({k: v.detach().cpu() for k, v in state.items() if not k.startswith("out.")})
+    return ImportedWeights(to_target_keys(state, target))
 
 
 @dataclass(frozen=True)
@@ -146,6 +227,8 @@ class LoadReport:
         encoder_total: encoder tensors in the target.
         decoder_matched: loaded non-encoder tensors.
         decoder_total: non-encoder tensors in the target (SwinUNETR's ``out`` conv included).
+        layout: the source's layout (:data:`LAYOUT_MEDSSL3D` or :data:`LAYOUT_MONAI_SSL`).
+        dropped: source keys of no network of the target, dropped before matching (the SSL weights' heads).
     """
 
     matched: int
@@ -157,6 +240,8 @@ class LoadReport:
     encoder_total: int = 0
     decoder_matched: int = 0
     decoder_total: int = 0
+    layout: str = LAYOUT_MEDSSL3D
+    dropped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One line: ``loaded N/M tensors (encoder E/E, decoder K/L)`` plus what was skipped."""
@@ -164,6 +249,9 @@ class LoadReport:
             f"loaded {self.matched}/{self.total_target} tensors (encoder {self.encoder_matched}/"
             f"{self.encoder_total}, decoder {self.decoder_matched}/{self.decoder_total})"
         )
+        if self.layout == LAYOUT_MONAI_SSL:
+            heads = _head_names(self.dropped)
+            line += f" from MONAI's Swin UNETR SSL weights; {len(self.dropped)} tensors of its heads {heads} dropped"
         if self.unexpected:
             line += f"; {len(self.unexpected)} unexpected skipped"
         if self.shape_mismatches:
@@ -205,7 +293,8 @@ def load_pretrained(net: nn.Module, weights: WeightsLike, *, require_full_encode
     """
     target_state = net.state_dict()
     target = _target_of(net, list(target_state))
-    source = export_weights(weights, target)
+    imported = import_weights(weights, target)
+    source = imported.state
     encoder_prefix = EXPORT_TARGETS[target].encoder_prefix
 
     loadable, mismatches = {}, []
@@ -227,6 +316,8 @@ def load_pretrained(net: nn.Module, weights: WeightsLike, *, require_full_encode
         encoder_total=len(encoder_keys),
         decoder_matched=len(loadable) - enc_matched,
         decoder_total=len(target_state) - len(encoder_keys),
+        layout=imported.layout,
+        dropped=imported.dropped,
     )
     if report.missing_encoder and require_full_encoder:
         raise ValueError(
