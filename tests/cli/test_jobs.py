@@ -181,6 +181,22 @@ def test_dry_runs_print_the_resolved_config_and_run_nothing(work, dataset, pretr
     assert not out.exists()
 
 
+def test_evaluate_and_predict_dry_runs_use_the_run_record(finetune_run, work):
+    run, _ = finetune_run
+    done = medssl3d("evaluate", run, "--split", "validation", "--tolerance-mm", "1.5", "--dry-run", cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "configs:   train.json, evaluate.json" in done.stdout
+    assert re.search(r"^ +surface_dice_tolerance_mm +1\.5$", done.stdout, re.M), done.stdout
+    assert re.search(r"^ +feature_size +12$", done.stdout, re.M), done.stdout
+    assert not (run / "eval" / "validation").exists()
+    done = medssl3d("predict", run, work / "Task01_Phantoms" / "imagesTs", "-o", work / "dry_pred", "--dry-run",
+                    cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "configs:   inference.json (infer workflow)" in done.stdout
+    assert f'["{work / "Task01_Phantoms" / "imagesTs" / f"{TEST_CASE}.nii.gz"}"]' in done.stdout
+    assert not (work / "dry_pred").exists()
+
+
 def test_user_errors_are_one_line_with_exit_status_2(work, dataset, finetune_run):
     bad = work / "bad.json"
     bad.write_text('{"training": [')
