@@ -77,7 +77,7 @@ def test_summary_table_has_one_section_per_task():
     assert "| m | 1 | 1 | 0.600 | +0.100 | scratch | 0.600 |" in table
 
 
-@pytest.mark.parametrize("suite", ["smoke", "full"])
+@pytest.mark.parametrize("suite", ["smoke", "cpu", "full"])
 def test_suites_load_into_the_config(suite):
     cfg = load_suite(transfer.TransferBenchConfig, "transfer", suite)
     assert "scratch" not in cfg.methods and min(cfg.ks) >= 1 and cfg.seeds
