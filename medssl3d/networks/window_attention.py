@@ -271,6 +271,16 @@ def grouped_window_attention(qkv: Tensor, bias: Tensor, rows: Sequence[int], sca
         with torch.no_grad():
             return _grouped_forward(qkv, bias, rows, scale)[0]
     # inference, or a device whose SDPA backends differentiate the mask themselves
+    return _sdpa_window_attention(qkv, bias, rows, scale)
+
+
+def _sdpa_window_attention(qkv: Tensor, bias: Tensor, rows: tuple[int, ...], scale: float) -> Tensor:
+    """The branch of :func:`grouped_window_attention` for CUDA and bf16: one ``scaled_dot_product_attention`` per group.
+
+    Takes and returns what :func:`grouped_window_attention` does (``bias`` already in ``qkv``'s dtype); autograd
+    gives the gradients of ``qkv`` and ``bias`` (on the CPU through SDPA's math backend, which the tests use to
+    check this branch against MONAI's).
+    """
     outs = []
     for part, mask in zip(qkv.split(rows), bias.unsqueeze(1).unbind(0), strict=True):
         q, k, v = _split_qkv(part)

@@ -77,6 +77,25 @@ def test_fused_equals_monai_output_and_gradients(shifted, dim):
         _assert_same(_run(fused, x, WindowGroups.from_dense(mask)), expected)
 
 
+@pytest.mark.parametrize("shifted", [False, True], ids=["no_shift", "shift_mask"])
+def test_sdpa_branch_equals_monai_output_and_gradients(shifted, monkeypatch):
+    """The branch CUDA and bf16 take (SDPA, the mask needing a gradient), forced on the CPU in float64."""
+    masks_needing_grad = []
+
+    def sdpa_branch(qkv, bias, rows, scale):
+        masks_needing_grad.append(bias.requires_grad)
+        return window_attention._sdpa_window_attention(qkv, bias, rows, scale)
+
+    monkeypatch.setattr(window_attention, "grouped_window_attention", sdpa_branch)
+    monai = _monai_attention()
+    fused = FusedWindowAttention.from_monai(copy.deepcopy(monai))
+    mask = _shift_mask() if shifted else None
+    x = _windows()
+    expected = _run(monai, x, mask)
+    _assert_same(_run(fused, x, mask), expected)  # qkv and the bias table among the gradients
+    assert masks_needing_grad == [True]
+
+
 def test_backward_in_several_chunks_with_a_partial_last_one(monkeypatch):
     monai = _monai_attention()
     fused = FusedWindowAttention.from_monai(copy.deepcopy(monai))
@@ -107,7 +126,10 @@ def test_attention_dropout_falls_back_to_monai():
     torch.testing.assert_close(outs[1], outs[0], **EXACT)
 
 
-def test_grouped_attention_equals_plain_attention_per_group():
+@pytest.mark.parametrize(
+    "attention", [grouped_window_attention, window_attention._sdpa_window_attention], ids=["dispatch", "sdpa_branch"]
+)
+def test_grouped_attention_equals_plain_attention_per_group(attention):
     g = torch.Generator().manual_seed(0)
     rows, heads, n, d = (3, 1, 2), 2, 9, 4
     qkv = torch.randn(sum(rows), n, 3, heads, d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -122,11 +144,15 @@ def test_grouped_attention_equals_plain_attention_per_group():
         return (attn @ v).transpose(1, 2)
 
     results = []
-    for fn in (plain, lambda qkv, bias: grouped_window_attention(qkv, bias, rows, 0.5)):
+    for fn in (plain, lambda qkv, bias: attention(qkv, bias, rows, 0.5)):
         out = fn(qkv, bias)
         results.append((out, *torch.autograd.grad(out.pow(2).sum(), (qkv, bias))))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(b, a, **EXACT)
+
+
+def test_grouped_attention_rejects_rows_that_do_not_fit():
+    qkv, bias = torch.zeros(6, 9, 3, 2, 4), torch.zeros(3, 2, 9, 9)
     with pytest.raises(ValueError, match="rows"):
         grouped_window_attention(qkv, bias, (3, 3), 0.5)
 
