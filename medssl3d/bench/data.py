@@ -9,6 +9,12 @@ items per second, where one *item* is everything one batch element of a step nee
 crops). The step rate is the median time of the method's training steps on those items at the same size
 (``Pretrainer``, bundle recipe, after warm-up). Workers needed = ceil(items a second of steps consumes /
 items one worker makes a second).
+
+A step time from another machine can stand in for the one measured here: with ``step_record`` set to a
+``medssl3d bench step`` record of the same size, crop and batch (the GPU's ``--suite full``), the ``full``
+suite run on any machine reports the workers each method needs at ``base`` size on that record's device, from
+the view rate of one worker here. The two step times differ a little in what they hold: the engine's records
+include collating a batch of ready items, the step benchmark's batch is collated before the timing.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from medssl3d.bench.pretrain import failure_text, fill_caches, pretraining_overr
 from medssl3d.bench.record import default_output, format_table, write_record
 from medssl3d.bench.suite import load_suite
 from medssl3d.bench.tasks import check_source, pretraining_images, pretraining_preset, write_datalist
+from medssl3d.data.errors import InputError
 from medssl3d.engine.monitor import METRICS_FILE
 from medssl3d.engine.sampler import SeededDataset
 from medssl3d.engine.trainer import Pretrainer
@@ -42,6 +49,7 @@ KIND = "data"
 #: A ``DataLoader`` worker runs with one intra-op thread (PyTorch sets it in every worker).
 WORKER_THREADS = 1
 STEP_RATE_KEY = "perf/steps_per_s"
+STEP_RECORD_KIND = "step"
 #: No checkpoint falls inside the timed steps (one is written after the last).
 NO_CHECKPOINT = 10**9
 CACHE_DIR_NAME = "cache"
@@ -77,6 +85,9 @@ class DataBenchConfig:
         seed: seed of the item draws and the training steps.
         cache_dir: preprocessing cache; empty: ``cache/`` beside the record.
         bundle_overrides: per-method bundle settings for this size (e.g. ``{"ace": {"grid_n": 4}}``).
+        step_record: a ``medssl3d bench step`` record made at this suite's size, crop and batch (e.g. a GPU's
+            ``--suite full``): each method's step time is read from it instead of being measured here, so the
+            workers needed are those of that record's device. Empty: steps are timed here.
     """
 
     methods: tuple[str, ...] = ("swin_ssl", "alice", "afire", "dira", "ace")
@@ -92,6 +103,7 @@ class DataBenchConfig:
     seed: int = 0
     cache_dir: str = ""
     bundle_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    step_record: str = ""
 
     def __post_init__(self) -> None:
         check_source(self.source)
@@ -173,8 +185,41 @@ def time_steps(method, items: Sequence[Any], train_config: Mapping[str, Any], *,
     return [1.0 / r for r in rates]
 
 
-def measure_method(method: str, cfg: DataBenchConfig, datalist: Path, cache_dir: Path, work: Path) -> dict:
-    """One row: the view rate of ``method``'s bundle dataset, its step time and the workers a step needs."""
+def recorded_step_times(path: str | os.PathLike, cfg: DataBenchConfig) -> tuple[dict[str, float], str]:
+    """Each method's median step time in a ``bench step`` record, and the device it was measured on.
+
+    Raises:
+        InputError: the file cannot be read.
+        ValueError: it is not a step record, or was made at another size, crop or batch than ``cfg``'s.
+    """
+    path = Path(path).expanduser()
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(path, f"cannot read the step record ({err})") from err
+    if record.get("kind") != STEP_RECORD_KIND:
+        raise ValueError(f"{path}: not a bench step record (kind {record.get('kind')!r})")
+    config = record["config"]
+    expected = {"size": cfg.backbone_size, "roi": [cfg.roi] * 3, "batch_size": cfg.batch_size}
+    found = {key: config.get(key) for key in expected}
+    if found != expected:
+        raise ValueError(f"{path}: measured at {found}; this suite needs {expected}")
+    return {row["name"]: row["step_s"] for row in record["results"] if "step_s" in row}, config["device"]
+
+
+def measure_method(
+    method: str, cfg: DataBenchConfig, datalist: Path, cache_dir: Path, work: Path,
+    recorded: tuple[dict[str, float], str] | None = None,
+) -> dict:
+    """One row: the view rate of ``method``'s bundle dataset, its step time and the workers a step needs.
+
+    ``recorded`` (from :func:`recorded_step_times`) gives the step time instead of timing steps here.
+
+    Raises:
+        ValueError: ``recorded`` holds no step time of ``method``.
+    """
+    if recorded is not None and method not in recorded[0]:
+        raise ValueError(f"{cfg.step_record}: no step time of {method!r}")
     preset = pretraining_preset(cfg.spacing_mm)
     overrides = pretraining_overrides(
         datalist=datalist, run_dir=work / method, cache_dir=cache_dir, preset=preset,
@@ -188,12 +233,15 @@ def measure_method(method: str, cfg: DataBenchConfig, datalist: Path, cache_dir:
     rates, items = time_views(dataset, repeats=cfg.repeats, per_repeat=cfg.views_per_repeat, seed=cfg.seed)
     views_per_s = statistics.median(rates)
     logger.info("%s: %.2f views/s per worker (median of %d repeats)", method, views_per_s, len(rates))
-    model = workflow.parser.get_parsed_content("method")
-    train_config = workflow.parser.get_parsed_content("train#trainer#config")
-    steps = time_steps(model, items, train_config, batch_size=cfg.batch_size, warmup=cfg.step_warmup,
-                       repeats=cfg.step_repeats, seed=cfg.seed)
-    step_s = statistics.median(steps)
-    logger.info("%s: %.2f s per step (median of %d)", method, step_s, len(steps))
+    if recorded is None:
+        model = workflow.parser.get_parsed_content("method")
+        train_config = workflow.parser.get_parsed_content("train#trainer#config")
+        steps = time_steps(model, items, train_config, batch_size=cfg.batch_size, warmup=cfg.step_warmup,
+                           repeats=cfg.step_repeats, seed=cfg.seed)
+        step_s, step_source = statistics.median(steps), "measured here"
+        logger.info("%s: %.2f s per step (median of %d)", method, step_s, len(steps))
+    else:
+        step_s, step_source = recorded[0][method], f"{cfg.step_record} ({recorded[1]})"
     return {
         "method": method,
         "backbone_size": cfg.backbone_size,
@@ -208,6 +256,7 @@ def measure_method(method: str, cfg: DataBenchConfig, datalist: Path, cache_dir:
         "views_per_step": cfg.batch_size,
         "view_to_step_ratio": views_per_s * step_s / cfg.batch_size,
         "workers_needed": workers_needed(cfg.batch_size, step_s, views_per_s),
+        "step_source": step_source,
         "first_pass_s": first_pass_s,
     }
 
@@ -228,6 +277,7 @@ def run(
     cfg = load_suite(DataBenchConfig, KIND, suite, overrides)
     output = Path(output) if output is not None else default_output(KIND, suite)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else output.parent / CACHE_DIR_NAME
+    recorded = recorded_step_times(cfg.step_record, cfg) if cfg.step_record else None
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         work = Path(tmp)
@@ -235,11 +285,14 @@ def run(
         datalist = write_datalist(work / "pretrain.json", {"training": images}, name="bench data")
         for method in cfg.methods:
             try:
-                rows.append(measure_method(method, cfg, datalist, cache_dir, work))
+                rows.append(measure_method(method, cfg, datalist, cache_dir, work, recorded))
             except Exception as error:  # noqa: BLE001 - one failing method must not end the benchmark
                 logger.exception("measuring %s failed; the benchmark goes on without it", method)
                 rows.append({"method": method, "error": failure_text(error)})
     config = {**asdict(cfg), "in_process_worker": "num_workers=0, one intra-op thread", "suite": suite}
     path = write_record(output, KIND, suite, config, rows)
     columns = COLUMNS + (ERROR_COLUMN,) if any("error" in r for r in rows) else COLUMNS
-    return path, format_table(rows, columns)
+    table = format_table(rows, columns)
+    if recorded is not None:
+        table += f"\n\nStep times from {cfg.step_record} (on {recorded[1]}); view rates of one worker here."
+    return path, table

@@ -2,8 +2,10 @@
 
 For each method of the suite, at one named size, the real toolkit step (a
 :class:`~medssl3d.engine.trainer.Pretrainer` step: forward, backward, clipping, AdamW, auxiliary
-optimizers, EMA) is timed on views that the method's own view generation drew once, up front,
-from phantom volumes through the CT data preset, as its bundle does. Beside the median step time a
+optimizers, EMA) is timed on views drawn once, up front, from phantom volumes through the CT data
+preset. The method, its views and its engine settings are its pretraining bundle's, as
+``medssl3d pretrain <method> --preset <size>`` builds them, with only the size's backbone and crop, the
+folders, the batch, the precision and ``fused_attention`` set by the suite. Beside the median step time a
 row holds the step's FLOPs, the achieved rate and its fraction of a dense-matmul peak measured in
 this process, the peak memory, and three ratios measured in the same run: against the baseline
 (``swin_ssl``), against a bare forward+backward of the method's own backbone on the same inputs
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import logging
 import os
 import tempfile
@@ -31,20 +32,12 @@ from medssl3d.bench import record
 from medssl3d.bench.measure import PeakMemory, count_flops, matmul_peak_gflops, release_memory, time_call
 from medssl3d.bench.reference import ReferenceRecipe, check_reference_roi
 from medssl3d.bench.suite import load_suite
-from medssl3d.bundle_support.pretrain_data import pretraining_dataset
 from medssl3d.bundle_support.smoke_data import write_smoke_datalist
 from medssl3d.data.presets import CT_PRESET
-from medssl3d.engine.config import TrainConfig
 from medssl3d.engine.trainer import Pretrainer
-from medssl3d.jobs.bundles import resource_dir
-from medssl3d.methods import METHODS, build_method
-from medssl3d.methods.ace import ace_transforms
-from medssl3d.methods.afire import afire_transforms
-from medssl3d.methods.alice import alice_transforms
-from medssl3d.methods.dira import dira_transforms
-from medssl3d.methods.swin_ssl import swin_ssl_transforms
-from medssl3d.networks.backbones import BACKBONE_SIZES, Backbone, BackboneOutput
-from medssl3d.transforms.paired_crops import PairedDataset, build_provider
+from medssl3d.jobs.pretrain import PretrainRequest, pretrain_job
+from medssl3d.methods import METHODS
+from medssl3d.networks.backbones import BACKBONE_SIZES, Backbone, BackboneOutput, ViTBackbone
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +47,6 @@ KIND = "step"
 BASELINE = "swin_ssl"
 REFERENCE = "reference"
 METHOD_ORDER = ("swin_ssl", "alice", "afire", "dira", "ace")
-METHOD_PRESETS = resource_dir("configs") / "methods"
 PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 DEVICES = ("auto", "cpu", "cuda")
 PHANTOM_MARGIN = 1.25  # phantom side relative to the crop, so crops are drawn from a larger body
@@ -122,6 +114,8 @@ class StepSuite:
         bare: also time a bare forward+backward of each backbone (the overhead ratio).
         flops: count the FLOPs of a step (one extra step under the FLOP counter).
         correspondence: ALICE's pairing of views (any provider times the same; registration only costs set-up).
+        fused_attention: the Swin methods' fused window attention (the bundles' ``fused_attention``); false
+            runs MONAI's. The reference recipe is MONAI's either way.
         seed: seed of the phantoms and of the view generation.
     """
 
@@ -137,6 +131,7 @@ class StepSuite:
     bare: bool = True
     flops: bool = True
     correspondence: str = "body_box"
+    fused_attention: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -200,63 +195,48 @@ def _n_params(module: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------- methods
-def _method_fields(name: str, size: BenchSize, roi: tuple[int, int, int], correspondence: str) -> dict[str, Any]:
-    """The method's config fields: its YAML preset for the size, with the size's backbone and crop.
+def _bundle_workflow(
+    name: str, size: BenchSize, roi: tuple[int, int, int], suite: StepSuite, batch_size: int, datalist: Path,
+    work: Path,
+):
+    """The method's bundle as ``medssl3d pretrain <name> --preset <size preset>`` runs it, initialised, unparsed.
+
+    Set by the suite: the size's backbone and crop, the batch, ``fused_attention`` (Swin bundles) and ALICE's
+    ``correspondence``; the data is ``datalist`` through the CT preset, every file goes under ``work``. The
+    method, its views (``train#dataset``) and its engine settings (``train#trainer#config``) are then the
+    bundle's own, so the benchmark measures what a run does.
 
     Raises:
         ValueError: the crop does not suit the method.
     """
-    module = importlib.import_module(METHODS[name].split(":")[0])
-    fields = dataclasses.asdict(module.config_from_yaml(METHOD_PRESETS / f"{name}.yaml", preset=size.method_preset))
-    if name == "alice":
-        fields.update(
-            roi_size=list(roi), correspondence=correspondence, foreground_threshold=CT_PRESET.foreground_threshold
-        )
-    elif name == "afire":
-        fields.update(img_size=list(roi))
-    elif name == "ace":
-        stride = fields["token_stride"]
+    job = pretrain_job(
+        PretrainRequest(method=name, data=str(datalist), out=str(work / name), preset=size.method_preset),
+        datalist,
+        distributed=False,
+    )
+    ids = job.resolve(["export_target", "token_stride", "correspondence", "fused_attention"])
+    vit = ids["export_target"] == ViTBackbone.export_target
+    overrides: dict[str, Any] = {
+        "cache_dir": str(work / "cache"),
+        "modality": CT_PRESET.modality,
+        "preset": CT_PRESET,
+        "backbone_size": size.vit if vit else size.swin,
+        "train#trainer#config#batch_size": batch_size,
+    }
+    if name == "ace":  # the bundle derives its crop: grid_n cells of token_stride voxels
+        stride = ids["token_stride"]
         if len(set(roi)) != 1 or roi[0] % stride:
             raise ValueError(f"ace needs a cubic roi with sides divisible by {stride}, got {roi}")
-        fields.update(grid_n=roi[0] // stride)
-    vit = fields.get("backbone") == "vit" or name == "afire"
-    fields["backbone_size"] = size.vit if vit else size.swin
-    return fields
-
-
-# The view generation of each method, as its bundle calls it (ALICE, whose views need a provider, apart).
-VIEW_TRANSFORMS: dict[str, Callable[[dict[str, Any], tuple[int, int, int]], Callable]] = {
-    "swin_ssl": lambda fields, roi: swin_ssl_transforms(roi=roi),
-    "dira": lambda fields, roi: dira_transforms(roi=roi),
-    "ace": lambda fields, roi: ace_transforms(fields["grid_n"], fields["token_stride"]),
-    "afire": lambda fields, roi: afire_transforms(
-        size=roi, foreground_threshold=CT_PRESET.foreground_threshold, patch_size=fields["patch_size"]
-    ),
-}
-
-
-def _method_and_views(
-    name: str, fields: dict[str, Any], roi: tuple[int, int, int], volumes: Callable[[Sequence[Callable]], Dataset],
-    work: Path,
-) -> tuple[nn.Module, Dataset]:
-    """The method and its training samples, from its own view generation wired as its bundle wires it.
-
-    Raises:
-        ValueError: no view generation is known for ``name``.
-    """
-    if name == "alice":
-        plain = volumes([])
-        template = plain[0]["image"] if fields["correspondence"] == "registration" else None
-        provider = build_provider(
-            fields["correspondence"], roi_size=roi, foreground_threshold=fields["foreground_threshold"],
-            template=template, cache_dir=work / "registration",
-        )
-        method = build_method(name, provider=provider, **fields)
-        views = alice_transforms(provider, **method.config.view_kwargs())
-        return method, PairedDataset(plain, views, pair=fields["correspondence"] != "same_volume")
-    if name not in VIEW_TRANSFORMS:
-        raise ValueError(f"no view generation known for method {name!r}; known: {sorted(VIEW_TRANSFORMS)}")
-    return build_method(name, **fields), volumes([VIEW_TRANSFORMS[name](fields, roi)])
+        overrides["grid_n"] = roi[0] // stride
+    else:
+        overrides["roi_size"] = list(roi)
+    if "correspondence" in ids:
+        overrides["correspondence"] = suite.correspondence
+    if "fused_attention" in ids:
+        overrides["fused_attention"] = suite.fused_attention
+    workflow = dataclasses.replace(job, overrides={**job.overrides, **overrides}).workflow()
+    workflow.initialize()
+    return workflow
 
 
 def _draw_samples(dataset: Dataset, batch_size: int, seed: int) -> list[dict[str, Any]]:
@@ -275,15 +255,18 @@ def _student_backbone(method: nn.Module) -> nn.Module:
 
 
 def _engine_step(
-    method: nn.Module, samples: list[dict[str, Any]], batch: dict[str, Any], suite: StepSuite, device: torch.device,
-    out_dir: Path,
+    method: nn.Module, samples: list[dict[str, Any]], batch: dict[str, Any], train_config: dict[str, Any],
+    suite: StepSuite, device: torch.device, out_dir: Path,
 ) -> Callable[[], float]:
-    """A function taking one real engine step (``Pretrainer.train_step``) on ``batch`` (on ``device``) per call."""
-    config = TrainConfig(
-        max_steps=BENCH_TOTAL_STEPS, batch_size=len(samples), num_workers=0, precision=suite.precision,
-        out_dir=str(out_dir), resume=None, tensorboard=False, ckpt_every=BENCH_CKPT_EVERY,
-        log_every=BENCH_CKPT_EVERY, seed=suite.seed,
-    )
+    """A function taking one real engine step (``Pretrainer.train_step``) on ``batch`` (on ``device``) per call.
+
+    The engine runs the bundle's ``train_config`` (clipping, EMA, freezes) with the suite's precision and seed.
+    """
+    config = {
+        **train_config, "max_steps": BENCH_TOTAL_STEPS, "batch_size": len(samples), "num_workers": 0,
+        "precision": suite.precision, "out_dir": str(out_dir), "resume": None, "tensorboard": False,
+        "ckpt_every": BENCH_CKPT_EVERY, "log_every": BENCH_CKPT_EVERY, "seed": suite.seed,
+    }
     # The engine sets its loader up from the samples; the timed steps bypass it, their views are drawn.
     trainer = Pretrainer(method, samples, config=config, device=device)
     trainer.prepare()
@@ -406,28 +389,26 @@ def run(
             work / "data", n_train=PHANTOM_CASES, n_val=0, shape=(side,) * 3, spacing=PHANTOM_SPACING, seed=cfg.seed
         )
 
-        def volumes(extra: Sequence[Callable]) -> Dataset:
-            return pretraining_dataset(datalist, CT_PRESET, work / "cache", list(extra))
-
         names = [m for m in METHOD_ORDER if m in cfg.methods] + [m for m in cfg.methods if m not in METHOD_ORDER]
         baseline_batch = None
         for name in names:
-            fields = _method_fields(name, size, roi, cfg.correspondence)
-            method, dataset = _method_and_views(name, fields, roi, volumes, work)
-            samples = _draw_samples(dataset, batch_size, cfg.seed)
+            bundle = _bundle_workflow(name, size, roi, cfg, batch_size, datalist, work).parser
+            method = bundle.get_parsed_content("method")
+            samples = _draw_samples(bundle.get_parsed_content("train#dataset"), batch_size, cfg.seed)
             batch = _to_device(default_collate(samples), device)
             if name == BASELINE:
                 baseline_batch = batch
-            step = _engine_step(method, samples, batch, cfg, device, work / "runs" / name)
+            train_config = bundle.get_parsed_content("train#trainer#config")
+            step = _engine_step(method, samples, batch, train_config, cfg, device, work / "runs" / name)
             subject = _Measured(name, method.backbone_name, _n_params(method), step, _student_backbone(method))
             rows.append(_measure(subject, cfg, device, peak))
-            del method, dataset, samples, batch, step, subject
+            del bundle, method, samples, batch, step, subject
             release_memory(device)
         if cfg.reference:
-            if baseline_batch is None:
-                fields = _method_fields(BASELINE, size, roi, cfg.correspondence)
-                _, dataset = _method_and_views(BASELINE, fields, roi, volumes, work)
-                baseline_batch = _to_device(default_collate(_draw_samples(dataset, batch_size, cfg.seed)), device)
+            if baseline_batch is None:  # the baseline's views, without building its model
+                bundle = _bundle_workflow(BASELINE, size, roi, cfg, batch_size, datalist, work).parser
+                samples = _draw_samples(bundle.get_parsed_content("train#dataset"), batch_size, cfg.seed)
+                baseline_batch = _to_device(default_collate(samples), device)
             feature_size = BACKBONE_SIZES["swin"][size.swin].feature_size
             recipe = ReferenceRecipe(feature_size, roi, device=device, autocast_dtype=dtype)
             views = baseline_batch
@@ -448,6 +429,7 @@ def run(
     caption = (
         f"{cfg.size}: crops {'x'.join(map(str, roi))}, batch {batch_size}, {cfg.precision} on {device} "
         f"({torch.get_num_threads()} threads); dense matmul peak {peak:.0f} GFLOP/s; "
-        f"median of {cfg.repeats} steps after {cfg.warmup} warm-up."
+        f"median of {cfg.repeats} steps after {cfg.warmup} warm-up; Swin window attention "
+        f"{'fused' if cfg.fused_attention else 'MONAI'}."
     )
     return path, record.format_table(rows, COLUMNS) + "\n\n" + caption

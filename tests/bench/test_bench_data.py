@@ -73,3 +73,31 @@ def test_a_failing_method_becomes_an_error_row(tmp_path):
     (row,) = json.loads(path.read_text())["results"]
     assert row["method"] == "no_such_method" and "no pretraining bundle" in row["error"]
     assert "| no_such_method |" in table and "error" in table
+
+
+def _step_record(path, size="tiny", roi=64, batch_size=1, rows=({"name": "swin_ssl", "step_s": 0.25},)):
+    config = {"size": size, "roi": [roi] * 3, "batch_size": batch_size, "device": "cuda"}
+    path.write_text(json.dumps({"kind": "step", "config": config, "results": list(rows)}))
+    return path
+
+
+PHANTOM_RUN = ["source=phantoms", "spacing_mm=3.0", "batch_size=1", "repeats=2", "views_per_repeat=1"]
+
+
+def test_step_times_from_a_step_record_give_that_devices_workers(tmp_path):
+    record = _step_record(tmp_path / "step.json", rows=[{"name": "swin_ssl", "step_s": 0.25}, {"name": "afire"}])
+    path, table = data.run("smoke", tmp_path / "data.json", [
+        *PHANTOM_RUN, "methods=[swin_ssl,afire]", f"step_record={record}",
+    ])
+    measured, missing = json.loads(path.read_text())["results"]
+    assert measured["step_s"] == 0.25 and measured["step_source"] == f"{record} (cuda)"
+    assert measured["workers_needed"] == data.workers_needed(1, 0.25, measured["views_per_s"])
+    assert missing["method"] == "afire" and "no step time of 'afire'" in missing["error"]
+    assert f"Step times from {record} (on cuda)" in table
+
+
+@pytest.mark.parametrize("record", [{"size": "base"}, {"roi": 96}, {"batch_size": 2}])
+def test_a_step_record_of_another_size_crop_or_batch_is_refused(tmp_path, record):
+    path = _step_record(tmp_path / "step.json", **record)
+    with pytest.raises(ValueError, match="this suite needs"):
+        data.run("smoke", tmp_path / "data.json", [*PHANTOM_RUN, "methods=[swin_ssl]", f"step_record={path}"])
