@@ -20,6 +20,10 @@ logger = logging.getLogger(__name__)
 PRETRAIN_SPLITS = ("training", "validation", "unlabeled")
 # Held-out cases (nnU-Net's imagesTs): never pretrained on.
 TEST_SPLIT = "test"
+# The datalist fields a pretraining sample carries: the image, and its subject and volume id (DiRA's queue) where
+# every entry has one. Other fields (case, slab, ...) differ between entries: a batch mixing them cannot be collated.
+SAMPLE_KEYS = ("image",)
+SHARED_KEYS = ("subject", "volume_id")
 
 
 def pretraining_dataset(
@@ -64,6 +68,8 @@ def pretraining_dataset(
     entries = [e for e in entries if e.get("subject") not in held_out]
     if not entries:
         raise InputError(path, f"no image left after excluding subjects {sorted(held_out)}")
+    keys = [*SAMPLE_KEYS, *(k for k in SHARED_KEYS if all(k in e for e in entries))]
+    entries = [{k: e[k] for k in keys} for e in entries]
     logger.info("pretraining on %d images from %s (splits %s)", len(entries), path, present)
     extra = list(view_transforms) if isinstance(view_transforms, Sequence) else [view_transforms]
     return cached_dataset(entries, preset, cache_dir, keys=("image",), extra_transforms=extra)
