@@ -122,6 +122,13 @@ def _cmd_label_server(args: argparse.Namespace) -> int:
     return server.wait()
 
 
+def _cmd_export_bundle(args: argparse.Namespace) -> int:
+    from medssl3d.serving.export_bundle import export_bundle
+
+    print(export_bundle(args.run, args.output, url=args.url, name=args.name).summary())
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -201,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MONAI Label environment (default: $MEDSSL3D_LABEL_VENV or <data cache>/monailabel-0.8.5)")
     p.add_argument("--rebuild-env", action="store_true", help="rebuild the environment even if it is ready")
     p.add_argument("--setup-only", action="store_true", help="build the environment and the app, do not serve")
+
+    p = add("export-bundle", _cmd_export_bundle,
+            "Write a fine-tuning run as a MONAI bundle of MONAI components only (any MONAI install serves it).")
+    p.add_argument("run", help="a run folder of medssl3d finetune (run.json, models/model.pt)")
+    p.add_argument("-o", "--output", required=True, help="the bundle folder to create (new or empty)")
+    p.add_argument("--url", default=None,
+                   help="where models/model.pt is published, for large_files.yml (default: the run's file:// path)")
+    p.add_argument("--name", default=None, help="the bundle's name in its metadata (default: '<run> segmentation')")
 
     p = add("bench", _cmd_bench, "Benchmarks: training-step speed, view generation, label-efficient transfer.")
     p.add_argument("kind", choices=("step", "data", "transfer"), help="which benchmark")

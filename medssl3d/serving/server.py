@@ -90,9 +90,10 @@ class LabelServer:
         return cmd
 
     def environment(self) -> dict[str, str]:
-        """The server's environment: the app's medssl3d copy first on ``PYTHONPATH``; no GPU needed."""
+        """The server's environment: the app's medssl3d copy (if any) first on ``PYTHONPATH``; no GPU needed."""
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.app.python_path), env.get("PYTHONPATH")) if p)
+        code = str(self.app.python_path) if self.app.python_path else None
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (code, env.get("PYTHONPATH")) if p)
         env.setdefault("MONAI_LABEL_AUTO_UPDATE_SCORING", "false")
         return env
 

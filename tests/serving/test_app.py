@@ -17,8 +17,10 @@ from medssl3d.bundle_support.labels import channel_def
 from medssl3d.bundle_support.settings import bake_settings
 from medssl3d.bundle_support.weights import check_bundle_weights
 from medssl3d.data.errors import InputError
+from medssl3d.data.presets import preset_for
 from medssl3d.serving import environment
 from medssl3d.serving.app import SAMPLE_APP, prepare_app
+from medssl3d.serving.export_bundle import inference_config, network_config, preprocessing_transforms
 from medssl3d.serving.server import LOOPBACK, LabelServer, check_host
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "segmentation"
@@ -88,12 +90,43 @@ def test_prepare_app_refuses_mismatch_before_writing(bundle, fake_env, tmp_path)
 def test_prepare_app_layout(bundle, fake_env, tmp_path):
     torch.save({"model": _network(bundle).state_dict()}, bundle / "models" / "model.pt")
     (bundle / "smoke").mkdir()
+    for run_state in ("checkpoint.pt", "checkpoint_epoch=3.pt"):  # the training run's, not the served model's
+        (bundle / "models" / run_state).write_bytes(b"state")
     app = prepare_app(bundle, tmp_path / "app", fake_env, model_name="seg_model")
+    assert sorted(p.name for p in (app.bundle_dir / "models").iterdir()) == ["model.pt"]
     assert (app.app_dir / "main.py").is_file()
     assert (app.bundle_dir / "models" / "model.pt").is_file()
     assert app.bundle_dir == app.app_dir / "model" / "seg_model"
     assert not (app.bundle_dir / "smoke").exists()
     assert (app.python_path / "medssl3d" / "serving" / "app.py").is_file()
+
+
+@pytest.fixture
+def monai_only_bundle(tmp_path) -> Path:
+    """A bundle written as ``medssl3d export-bundle`` writes its configs (MONAI components only), random weights."""
+    target = tmp_path / "portable"
+    (target / "configs").mkdir(parents=True)
+    network = network_config(SMALL, num_classes=7)
+    inference = inference_config(preprocessing_transforms(preset_for("ct")), network, roi_size=SMALL["roi_size"],
+                                 sw_batch_size=1, sw_overlap=0.5)
+    (target / "configs" / "inference.json").write_text(json.dumps(inference))
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    meta["required_packages_version"] = {"nibabel": "5.4.2", "einops": "0.8.2"}
+    (target / "configs" / "metadata.json").write_text(json.dumps(meta))
+    (target / "models").mkdir()
+    torch.save(ConfigParser({"net": network}).get_parsed_content("net").state_dict(), target / "models" / "model.pt")
+    return target
+
+
+def test_monai_only_bundle_is_served_without_medssl3d(bundle, monai_only_bundle, fake_env, tmp_path):
+    torch.save(_network(bundle).state_dict(), bundle / "models" / "model.pt")
+    first = prepare_app(bundle, tmp_path / "app", fake_env)
+    assert first.python_path is not None and (first.python_path / "medssl3d").is_dir()
+    app = prepare_app(monai_only_bundle, tmp_path / "app", fake_env)  # the same app folder, now MONAI-only
+    assert app.python_path is None and not (tmp_path / "app" / "python" / "medssl3d").exists()
+    assert app.weights.ok
+    path = LabelServer(app, tmp_path / "studies", fake_env).environment()["PYTHONPATH"].split(os.pathsep)
+    assert str(tmp_path / "app" / "python") not in path
 
 
 def test_server_binds_loopback_unless_asked(bundle, fake_env, tmp_path):
@@ -117,12 +150,45 @@ def test_cli_refuses_remote_host_in_one_line(tmp_path):
     assert "--allow-remote" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_environment_install_ignores_local_wheel_steering(monkeypatch, tmp_path):
-    monkeypatch.setenv("PIP_FIND_LINKS", "/opt/wheels")
-    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "file:///opt/pypi/simple")
-    env = environment._pip_env()
-    assert "PIP_FIND_LINKS" not in env and "PIP_EXTRA_INDEX_URL" not in env
-    assert env["PIP_CONFIG_FILE"] == os.devnull
+PIP_CONFIG_LIST = """\
+global.index-url='https://mirror.hospital.example/simple'
+global.find-links='/opt/wheels /srv/wheels'
+global.trusted-host='mirror.hospital.example'
+install.extra-index-url='https://pypi.org/simple\\nfile:///opt/pypi/simple'
+download.index-url='https://elsewhere.example/simple'
+:env:.cert='/etc/ssl/certs/hospital.pem'
+"""
+
+
+def test_environment_install_keeps_the_users_index_and_drops_only_cpu_torch_links():
+    settings = environment.parse_pip_config(PIP_CONFIG_LIST)
+    assert settings["index-url"] == "https://mirror.hospital.example/simple"  # not the download section's
+    environ = {"HOME": "/root", "PIP_FIND_LINKS": "/opt/wheels", "PIP_CONFIG_FILE": "/etc/pip.conf"}
+    env = environment.install_environment(environ, settings, drop_link=lambda link: link == "/opt/wheels")
+    assert env["HOME"] == "/root"
+    assert env["PIP_INDEX_URL"] == "https://mirror.hospital.example/simple"
+    assert env["PIP_EXTRA_INDEX_URL"].split() == ["https://pypi.org/simple", "file:///opt/pypi/simple"]
+    assert env["PIP_TRUSTED_HOST"] == "mirror.hospital.example"
+    assert env["PIP_CERT"] == "/etc/ssl/certs/hospital.pem"
+    assert env["PIP_FIND_LINKS"] == "/srv/wheels"
+    assert env["PIP_CONFIG_FILE"] == os.devnull  # the files' settings are all in the variables now
+    only_torch = environment.install_environment(environ, {"find-links": "/opt/wheels"}, lambda link: True)
+    assert "PIP_FIND_LINKS" not in only_torch
+
+
+def test_only_local_cpu_torch_links_are_dropped(tmp_path):
+    cpu, cuda = tmp_path / "cpu", tmp_path / "cuda"
+    for folder, wheel in ((cpu, "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"),
+                          (cuda, "torch-2.13.0-cp311-cp311-manylinux_2_28_x86_64.whl")):
+        folder.mkdir()
+        (folder / wheel).touch()
+    assert environment.holds_local_cpu_torch(str(cpu)) and environment.holds_local_cpu_torch(cpu.as_uri())
+    assert environment.holds_local_cpu_torch(str(next(cpu.iterdir())))
+    assert not environment.holds_local_cpu_torch(str(cuda))
+    assert not environment.holds_local_cpu_torch("https://download.pytorch.org/whl/cpu/torch/")
+
+
+def test_environment_marker_and_location(monkeypatch, tmp_path):
     assert not environment.is_ready(tmp_path)
     monkeypatch.setenv(environment.ENV_VAR, str(tmp_path / "venv"))
     assert environment.default_venv() == tmp_path / "venv"

@@ -1,4 +1,5 @@
-"""A real MONAI Label 0.8.5 server on 127.0.0.1 serving the segmentation bundle fine-tuned on a phantom.
+"""A real MONAI Label 0.8.5 server on 127.0.0.1 serving the segmentation bundle fine-tuned on a phantom, and
+one serving a run exported by ``medssl3d export-bundle`` (MONAI components only) without medssl3d's code.
 
 The MONAI Label environment is built on first use (about 7.5 GB from PyPI, a few minutes) and cached in
 ``$MEDSSL3D_LABEL_VENV`` or ``~/.cache/medssl3d/monailabel-0.8.5``; the server is stopped by its process
@@ -11,6 +12,7 @@ import hashlib
 import json
 import shutil
 import socket
+import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -26,7 +28,8 @@ from medssl3d.bundle_support.weights import check_bundle_weights
 from medssl3d.data.phantoms import make_phantom, write_nifti
 from medssl3d.serving.app import BUNDLE_IGNORE, prepare_app
 from medssl3d.serving.client import LabelClient
-from medssl3d.serving.environment import ensure_environment
+from medssl3d.serving.environment import ensure_environment, venv_python
+from medssl3d.serving.export_bundle import export_bundle
 from medssl3d.serving.server import LOOPBACK, LabelServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400), pytest.mark.usefixtures("one_thread")]
@@ -43,6 +46,10 @@ FINETUNE_EPOCHS = 40
 STUDY_SEEDS = (10, 11)
 LEARNT_CLASSES = ("body", "fat", "spine")
 MIN_DICE = 0.7
+PORTABLE_MODEL = "phantom_portable"
+#: The same UNETR, fine-tuned by `medssl3d finetune` for one epoch (the served mask's shape is what is checked).
+PORTABLE_RUN = tuple(f"{k}={json.dumps(SETTINGS[k])}" for k in (
+    "arch", "roi_size", "feature_size", "vit_hidden_size", "vit_mlp_dim", "vit_num_heads", "spacing_mm"))
 PYPI_PROBE = "https://pypi.org/simple/monailabel/"
 
 
@@ -162,3 +169,35 @@ def test_uploaded_labels_and_one_epoch_train_rewrite_model(server, studies):
     client.train(MODEL, max_epochs=1, val_split=0.5, device="cpu", multi_gpu=False)
     assert _digest(model_file) != before
     assert check_bundle_weights(server.app.bundle_dir).ok
+
+
+@pytest.fixture(scope="module")
+def exported_bundle(finetune_run, tmp_path_factory) -> Path:
+    """A run of ``medssl3d finetune`` on a phantom, exported as a bundle of MONAI components only."""
+    target = tmp_path_factory.mktemp("portable") / PORTABLE_MODEL
+    export_bundle(finetune_run("label_portable", *PORTABLE_RUN), target)
+    return target
+
+
+def test_monai_only_bundle_is_served_without_medssl3d(env_root, exported_bundle, studies, tmp_path_factory, tmp_path):
+    name, case = next(iter(studies.items()))
+    studies_dir = tmp_path_factory.mktemp("portable_studies")  # a datastore of its own beside the other server's
+    shutil.copy2(case["image"], studies_dir / Path(case["image"]).name)
+    app = prepare_app(exported_bundle, tmp_path_factory.mktemp("portable_app"), env_root, model_name=PORTABLE_MODEL)
+    assert app.python_path is None and not (app.app_dir / "python" / "medssl3d").exists()
+    serving = LabelServer(app, studies_dir, env_root, port=_free_port())
+    tried = subprocess.run([str(venv_python(env_root)), "-c", "import medssl3d"], env=serving.environment(),
+                           cwd=app.app_dir, capture_output=True, text=True, check=False)
+    assert tried.returncode != 0 and "No module named 'medssl3d'" in tried.stderr
+    with serving:
+        client = LabelClient(serving.url)
+        names = json.loads((exported_bundle / "configs" / "metadata.json").read_text())[
+            "network_data_format"]["outputs"]["pred"]["channel_def"]
+        expected = {label.lower(): int(k) for k, label in names.items() if label != "background"}
+        assert client.info()["models"][PORTABLE_MODEL]["labels"] == expected
+        result = client.infer(PORTABLE_MODEL, name, tmp_path / "pred.nii.gz")
+    assert serving.process.poll() is not None
+    pred, image = nib.load(result), nib.load(case["image"])
+    assert pred.shape == image.shape
+    np.testing.assert_allclose(pred.affine, image.affine, atol=1e-3)
+    assert set(np.unique(np.asarray(pred.dataobj)).astype(int)) <= {int(k) for k in names}
