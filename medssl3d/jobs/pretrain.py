@@ -11,7 +11,6 @@ the budget. Everything goes under ``--out``: ``datalist.json`` (when the data wa
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medssl3d.jobs.bundles import BundleJob, bundle_dir, method_preset_file, parse_overrides, read_configs
+from medssl3d.jobs.bundles import BundleJob, bundle_dir, parse_overrides, read_configs
 from medssl3d.jobs.inputs import datalist_for
 
 logger = logging.getLogger(__name__)
@@ -34,6 +33,8 @@ TRAIN = "train"
 MULTI_GPU = "multi_gpu_train"
 #: A bundle value that only points at another id (``"@backbone_size"``, ``"@train#trainer#config#batch_size"``).
 PURE_REFERENCE = re.compile(r"^@[\w#]+$")
+#: A bundle value that is the method preset's value of a config field (``"$@method_preset_config.roi_size"``).
+PRESET_VALUE = re.compile(r"^\$@method_preset_config\.\w+$")
 #: Ids whose resolved values ``--dry-run`` prints besides the method's own settings.
 SHOWN = (
     "datalist", "output_dir", "ckpt_dir", "cache_dir", "modality", "preset", "backbone_size", "roi_size",
@@ -115,38 +116,20 @@ def method_section(parser, method: str) -> str:
     raise ValueError(f"bundle {method!r} has no section with _target_ {target!r}")
 
 
-def preset_overrides(method: str, preset: str, parser) -> dict[str, Any]:
-    """Bundle overrides selecting preset ``preset`` of ``configs/methods/<method>.yaml``.
+def preset_overrides(method: str, preset: str) -> dict[str, Any]:
+    """The bundle override selecting preset ``preset`` of ``configs/methods/<method>.yaml``: its ``method_preset``.
 
-    The preset is read and checked through the method's typed config (``config_from_yaml``: an unknown preset,
-    field or type is refused). Every field the preset names is then set: on the bundle id the method section
-    reads it from when the section only points at one (``"backbone_size": "@backbone_size"``), so every other
-    use of that id follows; otherwise in the method section itself (``method#temperature``).
-
-    Args:
-        method: the method (bundle) name.
-        preset: the preset name, e.g. ``"tiny"``.
-        parser: the bundle's configs (:func:`~medssl3d.jobs.bundles.read_configs`).
+    The preset is resolved here too (:func:`~medssl3d.methods.presets.resolve_method_config`, as the bundle does),
+    so that an unknown preset, field or type is refused before the run. Ids set explicitly win over the preset.
 
     Raises:
         InputError: the preset file is missing or the preset is malformed.
         ValueError: an unknown preset.
     """
-    from omegaconf import OmegaConf
+    from medssl3d.methods.presets import resolve_method_config
 
-    from medssl3d.methods import METHODS
-
-    path = method_preset_file(method)
-    importlib.import_module(METHODS[method].split(":")[0]).config_from_yaml(path, preset)
-    values = OmegaConf.to_container(OmegaConf.load(path)[preset], resolve=True)
-    section_id = method_section(parser, method)
-    section = parser.get(section_id)
-    overrides: dict[str, Any] = {}
-    for name, value in values.items():
-        source = section.get(name)
-        points_at_id = isinstance(source, str) and PURE_REFERENCE.match(source)
-        overrides[source[1:] if points_at_id else f"{section_id}#{name}"] = value
-    return overrides
+    resolve_method_config(method, preset)
+    return {"method_preset": preset}
 
 
 def pretrain_job(request: PretrainRequest, datalist: Path, *, distributed: bool) -> BundleJob:
@@ -165,14 +148,14 @@ def pretrain_job(request: PretrainRequest, datalist: Path, *, distributed: bool)
         "ckpt_dir": str(out / "models"),
     }
     if request.preset is not None:
-        overrides.update(preset_overrides(request.method, request.preset, parser))
+        overrides.update(preset_overrides(request.method, request.preset))
     if request.modality is not None:
         overrides["modality"] = request.modality
     if request.size is not None:
         overrides["backbone_size"] = request.size
     if request.roi is not None:
         derived = parser.get("roi_size")
-        if isinstance(derived, str):
+        if isinstance(derived, str) and not PRESET_VALUE.match(derived):
             raise ValueError(f"--roi: bundle {request.method!r} derives roi_size ({derived}); set what it is "
                              "derived from as id=value overrides instead")
         overrides["roi_size"] = [request.roi] * 3
@@ -196,10 +179,10 @@ def pretrain_job(request: PretrainRequest, datalist: Path, *, distributed: bool)
 
 
 def _is_plain(parser, value: Any) -> bool:
-    """A literal, or a reference to an id holding one: cheap to resolve and free of side effects."""
+    """A literal or a preset's value, or a reference to an id holding one: cheap to resolve, free of side effects."""
     if isinstance(value, str) and PURE_REFERENCE.match(value):
         value = parser.get(value[1:])
-    return not (isinstance(value, str) and value.startswith(("$", "@", "%")))
+    return not (isinstance(value, str) and value.startswith(("$", "@", "%"))) or bool(PRESET_VALUE.match(value))
 
 
 def under_torchrun() -> bool:

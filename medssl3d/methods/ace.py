@@ -121,6 +121,7 @@ class AceConfig:
         global_weight: weight of the global DINO loss.
         local_weight: weight of the sum of the composition and decomposition losses.
         use_checkpoint: gradient checkpointing in the Swin blocks.
+        fused_attention: swap in the fused Swin window attention (backbone "swin"; same weights and results as MONAI's).
         small_key: batch key of the small crops ``(B, C, n c, n c, n c)``, spatial axes (R, A, S).
         large_key: batch key of the pooled large crops.
         offset_key: batch key of the cell offsets ``(B, 3)``.
@@ -152,6 +153,7 @@ class AceConfig:
     global_weight: float = 0.1
     local_weight: float = 0.5
     use_checkpoint: bool = False
+    fused_attention: bool = True
     small_key: str = "image" + SMALL_POSTFIX
     large_key: str = "image" + LARGE_POSTFIX
     offset_key: str = "grid_offset"
@@ -228,7 +230,8 @@ def correspondence_targets(offset: Tensor, n: int, direction: str, kernel: int, 
 
 def _build_backbone(cfg: AceConfig) -> Backbone:
     if cfg.backbone == "swin":
-        return SwinBackbone(size=cfg.backbone_size, in_channels=cfg.in_channels, use_checkpoint=cfg.use_checkpoint)
+        return SwinBackbone(size=cfg.backbone_size, in_channels=cfg.in_channels, use_checkpoint=cfg.use_checkpoint,
+                            fused_attention=cfg.fused_attention)
     return ViTBackbone(
         size=cfg.backbone_size,
         img_size=(cfg.crop_size,) * 3,
@@ -462,13 +465,19 @@ class Ace(SSLMethod):
         }
 
 
-def build_ace(**cfg: Any) -> Ace:
-    """Build :class:`Ace` from :class:`AceConfig` fields (a bundle's ``_target_``).
+def build_ace(*, preset: str = presets.BASE_PRESET, **cfg: Any) -> Ace:
+    """Build :class:`Ace` from a preset and :class:`AceConfig` fields (a bundle's ``_target_``).
+
+    Args:
+        preset: a preset of ``configs/methods/ace.yaml``, e.g. ``"high_overlap"`` (``"base"``: the defaults).
+        **cfg: AceConfig fields; they win over the preset.
 
     Raises:
-        ValueError: an unknown field or a bad value.
+        ValueError: an unknown preset or field, or a bad value.
     """
-    return Ace(presets.config_from_kwargs(AceConfig, **cfg))
+    config = presets.resolve_method_config(Ace.name, preset, **cfg)
+    presets.log_method_config(Ace.name, preset, config)
+    return Ace(config)
 
 
 def ace_transforms(

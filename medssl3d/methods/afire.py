@@ -485,13 +485,19 @@ class Afire(SSLMethod):
         return {"restoration": restoration, "token_distance": distance}
 
 
-def build_afire(**cfg: Any) -> Afire:
-    """Build :class:`Afire` from :class:`AfireConfig` fields (a bundle's ``_target_``).
+def build_afire(*, preset: str = presets.BASE_PRESET, **cfg: Any) -> Afire:
+    """Build :class:`Afire` from a preset and :class:`AfireConfig` fields (a bundle's ``_target_``).
+
+    Args:
+        preset: a preset of ``configs/methods/afire.yaml``, e.g. ``"code"`` (``"base"``: the defaults).
+        **cfg: AfireConfig fields; they win over the preset.
 
     Raises:
-        ValueError: an unknown field or a bad value.
+        ValueError: an unknown preset or field, or a bad value.
     """
-    return Afire(presets.config_from_kwargs(AfireConfig, **cfg))
+    config = presets.resolve_method_config(Afire.name, preset, **cfg)
+    presets.log_method_config(Afire.name, preset, config)
+    return Afire(config)
 
 
 def afire_transforms(

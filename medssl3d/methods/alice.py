@@ -95,6 +95,7 @@ class AliceConfig:
         backbone_size: SwinBackbone size, "tiny" / "small" / "base".
         in_channels: input (and reconstructed) channels.
         use_checkpoint: gradient checkpointing in the Swin blocks.
+        fused_attention: swap in the fused Swin window attention (same weights and results as MONAI's).
         proj_dim: common width of the projected encoder and decoder tokens (= CASA width).
         head_hidden_dim: hidden width of the shared DINO MLP.
         head_bottleneck_dim: bottleneck width before the prototypes.
@@ -134,6 +135,7 @@ class AliceConfig:
     backbone_size: str = "base"
     in_channels: int = 1
     use_checkpoint: bool = False
+    fused_attention: bool = True
     proj_dim: int = DEFAULT_DIM
     head_hidden_dim: int = DINO_HIDDEN_DIM
     head_bottleneck_dim: int = DINO_BOTTLENECK_DIM
@@ -174,7 +176,7 @@ class AliceConfig:
             raise ValueError(f"casa_variant must be one of {CASA_VARIANTS}, got {self.casa_variant!r}")
         if self.casa_input not in CASA_INPUTS:
             raise ValueError(f"casa_input must be one of {CASA_INPUTS}, got {self.casa_input!r}")
-        for name in ("use_checkpoint", "recon_masked_only"):
+        for name in ("use_checkpoint", "fused_attention", "recon_masked_only"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.correspondence not in PROVIDER_NAMES:
@@ -242,7 +244,7 @@ class AliceStudent(nn.Module):
         self.casa_on_logits = config.casa_input == "logits"
         self.backbone = SwinBackbone(
             size=config.backbone_size, in_channels=config.in_channels, with_decoder=True,
-            use_checkpoint=config.use_checkpoint,
+            use_checkpoint=config.use_checkpoint, fused_attention=config.fused_attention,
         )
         f = self.backbone.feature_size
         self.recon = nn.Conv3d(f, config.in_channels, kernel_size=1)
@@ -406,17 +408,22 @@ class Alice(SSLMethod):
         return {"loss": loss, "parts": parts}
 
 
-def build_alice(provider: CorrespondenceProvider | None = None, **cfg: Any) -> Alice:
-    """Build :class:`Alice` from :class:`AliceConfig` fields (a bundle's ``_target_``).
+def build_alice(
+    provider: CorrespondenceProvider | None = None, *, preset: str = presets.BASE_PRESET, **cfg: Any
+) -> Alice:
+    """Build :class:`Alice` from a preset and :class:`AliceConfig` fields (a bundle's ``_target_``).
 
     Args:
         provider: the views' correspondence provider (the feature provider needs the method's teacher).
-        **cfg: AliceConfig fields.
+        preset: a preset of ``configs/methods/alice.yaml``, e.g. ``"original"`` (``"base"``: the defaults).
+        **cfg: AliceConfig fields; they win over the preset.
 
     Raises:
-        ValueError: an unknown field or a bad value.
+        ValueError: an unknown preset or field, or a bad value.
     """
-    return Alice(presets.config_from_kwargs(AliceConfig, **cfg), provider=provider)
+    config = presets.resolve_method_config(Alice.name, preset, **cfg)
+    presets.log_method_config(Alice.name, preset, config)
+    return Alice(config, provider=provider)
 
 
 def alice_transforms(

@@ -121,6 +121,7 @@ class DiraConfig:
         unet_features: BasicUNet widths (network "unet").
         in_channels: input (and restored) channels.
         use_checkpoint: gradient checkpointing in the Swin blocks.
+        fused_attention: swap in the fused Swin window attention (network "swin"; same weights and results as MONAI's).
         proj_hidden_dim: hidden width of the projector's layers.
         moco_dim: MoCo embedding width (MoCo v2's 128).
         moco_queue_size: MoCo queue length K.
@@ -161,6 +162,7 @@ class DiraConfig:
     unet_features: tuple[int, ...] = DEFAULT_UNET_FEATURES
     in_channels: int = 1
     use_checkpoint: bool = False
+    fused_attention: bool = True
     proj_hidden_dim: int = 2048
     moco_dim: int = 128
     moco_queue_size: int = DEFAULT_QUEUE_SIZE
@@ -272,7 +274,7 @@ def config_from_yaml(path: str | os.PathLike, preset: str = "base", **overrides:
 def _backbone(cfg: DiraConfig, with_decoder: bool) -> Backbone:
     if cfg.network == "swin":
         return SwinBackbone(size=cfg.backbone_size, in_channels=cfg.in_channels, with_decoder=with_decoder,
-                            use_checkpoint=cfg.use_checkpoint)
+                            use_checkpoint=cfg.use_checkpoint, fused_attention=cfg.fused_attention)
     return UNetBackbone(features=cfg.unet_features, in_channels=cfg.in_channels, with_decoder=with_decoder)
 
 
@@ -499,19 +501,23 @@ class DiRA(SSLMethod):
         ]
 
 
-def build_dira(*, batch_size: int | None = None, world_size: int = 1, **cfg: Any) -> DiRA:
-    """Build :class:`DiRA` from :class:`DiraConfig` fields (a bundle's ``_target_``).
+def build_dira(
+    *, batch_size: int | None = None, world_size: int = 1, preset: str = presets.BASE_PRESET, **cfg: Any
+) -> DiRA:
+    """Build :class:`DiRA` from a preset and :class:`DiraConfig` fields (a bundle's ``_target_``).
 
     Args:
         batch_size: the loader's per-process batch size; when given, it is checked against the variant
             at once (:func:`check_standardisation_batch`), not at the first step.
         world_size: number of processes the run will have (torchrun's ``WORLD_SIZE``).
-        **cfg: :class:`DiraConfig` fields.
+        preset: a preset of ``configs/methods/dira.yaml``, e.g. ``"official"`` (``"base"``: the defaults).
+        **cfg: :class:`DiraConfig` fields; they win over the preset.
 
     Raises:
-        ValueError: an unknown field, a bad value, or a batch too small for the variant.
+        ValueError: an unknown preset or field, a bad value, or a batch too small for the variant.
     """
-    config = presets.config_from_kwargs(DiraConfig, **cfg)
+    config = presets.resolve_method_config(DiRA.name, preset, **cfg)
+    presets.log_method_config(DiRA.name, preset, config)
     if batch_size is not None:
         check_standardisation_batch(config, batch_size, world_size)
     return DiRA(config)

@@ -67,6 +67,7 @@ class SwinSSLConfig:
         contrast_token: bottleneck token fed to the contrastive head.
         decoder_stages: ×2 upsampling stages of the decoder (5 undoes the Swin stride of 32).
         use_checkpoint: gradient checkpointing in the Swin blocks.
+        fused_attention: swap in the fused Swin window attention (same weights and results as MONAI's).
         gather_distributed: NT-Xent negatives from every rank under DDP.
         paste_cutout: the original's second cut-out pass: each view gets boxes of the rotated, un-cut
             view of a random other sample of the batch (same view key) pasted in; see
@@ -89,6 +90,7 @@ class SwinSSLConfig:
     contrast_token: int = 1
     decoder_stages: int = DEFAULT_NUM_STAGES
     use_checkpoint: bool = False
+    fused_attention: bool = True
     gather_distributed: bool = False
     paste_cutout: bool = True
     paste_max_fraction: float = DEFAULT_MAX_FRACTION
@@ -140,7 +142,8 @@ class SwinSSLStudent(nn.Module):
         self.rotation_token = config.rotation_token
         self.contrast_token = config.contrast_token
         self.backbone = SwinBackbone(
-            size=config.backbone_size, in_channels=config.in_channels, use_checkpoint=config.use_checkpoint
+            size=config.backbone_size, in_channels=config.in_channels, use_checkpoint=config.use_checkpoint,
+            fused_attention=config.fused_attention,
         )
         dim = self.backbone.embed_dim
         self.rotation_head = nn.Linear(dim, config.rotation_classes)
@@ -247,13 +250,20 @@ class SwinSSL(SSLMethod):
         }
 
 
-def build_swin_ssl(**cfg: Any) -> SwinSSL:
-    """Build :class:`SwinSSL` from :class:`SwinSSLConfig` fields (a bundle's ``_target_``).
+def build_swin_ssl(*, preset: str = presets.BASE_PRESET, **cfg: Any) -> SwinSSL:
+    """Build :class:`SwinSSL` from a preset and :class:`SwinSSLConfig` fields (a bundle's ``_target_``).
+
+    Args:
+        preset: a preset of ``configs/methods/swin_ssl.yaml``, e.g. ``"no_paste_cutout"`` (``"base"``: the
+            defaults).
+        **cfg: SwinSSLConfig fields; they win over the preset.
 
     Raises:
-        ValueError: an unknown field or a bad value.
+        ValueError: an unknown preset or field, or a bad value.
     """
-    return SwinSSL(presets.config_from_kwargs(SwinSSLConfig, **cfg))
+    config = presets.resolve_method_config(SwinSSL.name, preset, **cfg)
+    presets.log_method_config(SwinSSL.name, preset, config)
+    return SwinSSL(config)
 
 
 def swin_ssl_transforms(

@@ -2,10 +2,13 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from monai.networks.nets.swin_unetr import WindowAttention
 
+from medssl3d.bench import step
 from medssl3d.bench.measure import PeakMemory, count_flops, matmul_flops, matmul_peak_gflops, time_call
 from medssl3d.bench.reference import (
     CONTRAST_DIM,
@@ -15,6 +18,8 @@ from medssl3d.bench.reference import (
 )
 from medssl3d.bench.step import REFERENCE, StepSuite, run
 from medssl3d.bench.suite import load_suite
+from medssl3d.bundle_support.smoke_data import write_smoke_datalist
+from medssl3d.networks.window_attention import FusedWindowAttention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,3 +132,27 @@ def test_run_writes_a_finite_record(tmp_path):
     baseline, reference = rows
     assert baseline["vs_baseline"] == 1.0 and reference["vs_reference"] == 1.0
     assert "swin_ssl" in table and REFERENCE in table
+
+
+@pytest.fixture
+def phantoms(tmp_path):
+    return write_smoke_datalist(
+        tmp_path / "data", n_train=2, n_val=0, shape=(40, 40, 40), spacing=step.PHANTOM_SPACING, seed=0
+    )
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_attention_override_reaches_the_measured_method(fused, phantoms, tmp_path):
+    suite = load_suite(StepSuite, "step", "smoke", [f"fused_attention={str(fused).lower()}"])
+    bundle = step._bundle_workflow("dira", step.SIZES["tiny"], ROI, suite, 1, Path(phantoms), tmp_path / "work")
+    kinds = {type(m) for m in bundle.parser.get_parsed_content("method").modules() if isinstance(m, WindowAttention)}
+    assert kinds == {FusedWindowAttention if fused else WindowAttention}
+
+
+def test_afire_views_are_its_bundles_with_the_alignment_cache(phantoms, tmp_path):
+    suite = load_suite(StepSuite, "step", "smoke")
+    work = tmp_path / "work"
+    bundle = step._bundle_workflow("afire", step.SIZES["tiny"], (32, 32, 32), suite, 1, Path(phantoms), work)
+    (sample,) = step._draw_samples(bundle.parser.get_parsed_content("train#dataset"), 1, seed=0)
+    assert sample["image"].shape == sample["image_lesioned"].shape == (1, 32, 32, 32)
+    assert len(list((work / "cache" / "alignment").glob("*.pt"))) == 1  # the bundle's on-disk alignment cache

@@ -166,7 +166,7 @@ def test_dry_runs_print_the_resolved_config_and_run_nothing(work, dataset, pretr
                     "--size", "tiny", "--gpus", 2, "--dry-run", cwd=work)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "configs:   train.json, multi_gpu_train.json" in done.stdout
-    assert '"paste_cutout": false' in done.stdout  # the preset, set on the id the method reads
+    assert '"method_preset": "no_paste_cutout"' in done.stdout  # the preset: one bundle id, resolved by the bundle
     resolved = dict(line.split(None, 1) for line in done.stdout.split("resolved ids:")[1].splitlines()[1:]
                     if line.startswith("  ") and len(line.split(None, 1)) == 2)
     assert resolved["method#paste_cutout"].startswith("false") and resolved["backbone_size"] == '"tiny"'

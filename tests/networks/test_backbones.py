@@ -1,6 +1,10 @@
 import pytest
 import torch
+from monai.networks.nets.swin_unetr import WindowAttention
 
+from medssl3d.bundle_support.smoke_data import write_smoke_datalist
+from medssl3d.jobs.pretrain import PretrainRequest, pretrain_job
+from medssl3d.methods import build_method
 from medssl3d.networks.backbones import (
     BACKBONE_SIZES,
     BACKBONES,
@@ -9,6 +13,7 @@ from medssl3d.networks.backbones import (
     ViTBackbone,
     build_backbone,
 )
+from medssl3d.networks.window_attention import FusedWindowAttention
 
 SIDE = 64
 
@@ -181,3 +186,27 @@ def test_decode_stages_end_with_decode_and_stop_early():
         torch.testing.assert_close(backbone.decode_stages(x, out, num_stages=1)[0], stages[0])
     with pytest.raises(ValueError, match="num_stages"):
         backbone.decode_stages(x, out, num_stages=6)
+
+
+def _attention_kinds(module):
+    """The window-attention classes of every Swin block under ``module`` (MONAI's or the fused one)."""
+    return {type(m) for m in module.modules() if isinstance(m, WindowAttention)}
+
+
+@pytest.mark.parametrize("method", ["swin_ssl", "alice", "dira", "ace"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_attention_switch_reaches_the_backbone_from_a_method_config(method, fused):
+    model = build_method(method, backbone_size="tiny", fused_attention=fused)
+    assert _attention_kinds(model) == {FusedWindowAttention if fused else WindowAttention}
+
+
+@pytest.mark.parametrize("method", ["swin_ssl", "alice", "dira", "ace"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_attention_switch_reaches_the_backbone_from_a_bundle(method, fused, tmp_path):
+    """``medssl3d pretrain <method> --set fused_attention=false``: the bundle's top-level id reaches the backbone."""
+    datalist = write_smoke_datalist(tmp_path / "data", n_train=1, n_val=0, shape=(32, 32, 32))
+    overrides = (*(() if fused else ("fused_attention=false",)),
+                 *(("correspondence=body_box",) if method == "alice" else ()))
+    request = PretrainRequest(method, str(datalist), out=str(tmp_path / "run"), size="tiny", overrides=overrides)
+    model = pretrain_job(request, datalist, distributed=False).resolve(["method"])["method"]
+    assert _attention_kinds(model) == {FusedWindowAttention if fused else WindowAttention}
