@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from medssl3d.engine import distributed as dist_utils
 from medssl3d.engine.checkpoint import (
@@ -39,9 +39,10 @@ from medssl3d.engine.checkpoint import (
 from medssl3d.engine.config import PRECISIONS, RESUME_AUTO, TrainConfig
 from medssl3d.engine.ema import ema_update
 from medssl3d.engine.events import Events, Handler
+from medssl3d.engine.loader import resumable_loader, to_device
 from medssl3d.engine.monitor import TrainingMonitor
 from medssl3d.engine.optim import build_adamw, clip_gradients, param_groups, set_lr, set_weight_decay
-from medssl3d.engine.sampler import ResumableSampler, SeededDataset
+from medssl3d.engine.sampler import ResumableSampler
 from medssl3d.engine.schedules import cosine, warmup_cosine
 from medssl3d.methods.base import Auxiliary, SSLMethod, StepInfo
 
@@ -51,16 +52,6 @@ CKPT_DIR = "checkpoints"
 _DTYPES = dict(zip(PRECISIONS, (None, torch.bfloat16, torch.float16), strict=True))
 #: Seeds of the per-epoch loader generator are ``seed * _EPOCH_STRIDE + epoch``.
 _EPOCH_STRIDE = 100_003
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=device.type == "cuda")
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
 
 
 @contextlib.contextmanager
@@ -209,57 +200,13 @@ class Pretrainer:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ set-up
-    def _build_loader(self) -> DataLoader:
-        cfg = self.config
-        src = self.train_loader
-        world, rank = dist_utils.world_size(), dist_utils.rank()
-        if isinstance(src, DataLoader):
-            if isinstance(src.sampler, ResumableSampler):
-                loader = src
-            else:
-                if src.batch_size is None:
-                    raise ValueError("a DataLoader with a custom batch_sampler cannot be made resumable")
-                shuffle = isinstance(src.sampler, RandomSampler) or getattr(src.sampler, "shuffle", False)
-                loader = self._make_loader(
-                    src.dataset, src.batch_size, shuffle, world, rank,
-                    num_workers=src.num_workers, collate_fn=src.collate_fn, pin_memory=src.pin_memory,
-                    drop_last=src.drop_last, worker_init_fn=src.worker_init_fn,
-                    persistent_workers=src.persistent_workers, timeout=src.timeout,
-                )
-                logger.info("rebuilt the train loader with a resumable sampler (shuffle=%s)", shuffle)
-        else:
-            loader = self._make_loader(
-                src, cfg.batch_size, True, world, rank,
-                num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda", drop_last=cfg.drop_last,
-            )
-        if loader.generator is None:
-            # The loader draws its workers' base seed from this generator, not the global RNG,
-            # so creating an iterator mid-epoch on resume leaves the global RNG stream unchanged.
-            loader.generator = torch.Generator()
-        return loader
-
-    def _make_loader(
-        self, dataset: Dataset, batch_size: int, shuffle: bool, world: int, rank: int, **kwargs: Any
-    ) -> DataLoader:
-        cfg = self.config
-        sampler = ResumableSampler(
-            len(dataset), shuffle=shuffle, seed=cfg.seed, num_replicas=world, rank=rank,
-            with_epoch=cfg.seed_transforms,
-        )
-        if cfg.seed_transforms:
-            dataset = SeededDataset(dataset, seed=cfg.seed)
-        if kwargs.get("num_workers", 0) == 0:
-            kwargs.pop("persistent_workers", None)
-        generator = torch.Generator()
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator, **kwargs)
-
     def prepare(self) -> None:
         """Set up for training: process group, device, loader, optimizers, resume. ``run`` calls it once."""
         cfg = self.config
         self._owns_process_group = dist_utils.init_from_env(self.device.type)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.loader = self._build_loader()
+        self.loader = resumable_loader(self.train_loader, self.config, self.device)
         self.sampler: ResumableSampler = self.loader.sampler
         self.sampler.set_epoch(0)
         self.micro_per_epoch = len(self.loader)
@@ -436,7 +383,7 @@ class Pretrainer:
 
         for i, batch in enumerate(micro_batches):
             info = StepInfo(step=s, total_steps=self.total_steps, epoch=self.epoch, micro_batch=i)
-            batch = _to_device(batch, self.device)
+            batch = to_device(batch, self.device)
             no_sync = self.ddp.no_sync() if self.ddp is not None and i < n - 1 else contextlib.nullcontext()
             with no_sync:
                 with _frozen(aux_flat), self.autocast():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import PatchMerging, PatchMergingV2, WindowAttention, compute_mask
 
-from medssl3d.networks import window_attention
+from medssl3d.networks import window_attention, window_attention_kernels
 from medssl3d.networks.backbones import SwinBackbone
 from medssl3d.networks.window_attention import (
     FusedBasicLayer,
@@ -84,7 +84,7 @@ def test_sdpa_branch_equals_monai_output_and_gradients(shifted, monkeypatch):
 
     def sdpa_branch(qkv, bias, rows, scale):
         masks_needing_grad.append(bias.requires_grad)
-        return window_attention._sdpa_window_attention(qkv, bias, rows, scale)
+        return window_attention_kernels._sdpa_window_attention(qkv, bias, rows, scale)
 
     monkeypatch.setattr(window_attention, "grouped_window_attention", sdpa_branch)
     monai = _monai_attention()
@@ -100,7 +100,7 @@ def test_backward_in_several_chunks_with_a_partial_last_one(monkeypatch):
     monai = _monai_attention()
     fused = FusedWindowAttention.from_monai(copy.deepcopy(monai))
     # 3 windows per chunk (float64, one thread): the 8 interior windows take chunks of 3, 3 and 2
-    monkeypatch.setattr(window_attention, "BACKWARD_CHUNK_BYTES", 3 * N * N * 8)
+    monkeypatch.setattr(window_attention_kernels, "BACKWARD_CHUNK_BYTES", 3 * N * N * 8)
     x, mask = _windows(images=1), _shift_mask()
     _assert_same(_run(fused, x, mask), _run(monai, x, mask))
 
@@ -127,7 +127,9 @@ def test_attention_dropout_falls_back_to_monai():
 
 
 @pytest.mark.parametrize(
-    "attention", [grouped_window_attention, window_attention._sdpa_window_attention], ids=["dispatch", "sdpa_branch"]
+    "attention",
+    [grouped_window_attention, window_attention_kernels._sdpa_window_attention],
+    ids=["dispatch", "sdpa_branch"],
 )
 def test_grouped_attention_equals_plain_attention_per_group(attention):
     g = torch.Generator().manual_seed(0)
