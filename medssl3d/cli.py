@@ -70,7 +70,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     run_info = ckpt.get("run_info") or {}
     if run_info:
         if run_info["export_target"] != args.target:
-            raise ValueError(f"{args.checkpoint}: pretrained for {run_info['export_target']!r}, not --target {args.target}")
+            raise ValueError(
+                f"{args.checkpoint}: pretrained for {run_info['export_target']!r}, not --target {args.target}"
+            )
         save_encoder(state, args.output, describe_encoder(run_info, steps=ckpt.get("step", 0), source=args.source))
         described = f", described ({run_info['method']}, {run_info['backbone_size']}, step {ckpt.get('step', 0)})"
     else:

@@ -274,7 +274,8 @@ def dice_table(dice: dict[tuple[str, int], dict], seeds: tuple[int, ...]) -> str
     if mean > 0 and min(diffs) >= 0:
         verdict = f"Pretraining helped: {mean:+.3f} Dice on the held-out head, in every seed."
     elif mean > 0:
-        verdict = f"Pretraining helped on average ({mean:+.3f} Dice) but not in every seed: the difference is noise-sized."
+        verdict = (f"Pretraining helped on average ({mean:+.3f} Dice) but not in every seed: "
+                   "the difference is noise-sized.")
     else:
         verdict = (f"Pretraining did not help at this size: {mean:+.3f} Dice against scratch on the held-out head. "
                    "The demo's budget is minutes of CPU; see the README, 'Does pretraining help?'.")

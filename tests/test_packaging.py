@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,7 @@ def _checkout_files() -> list[str]:
     """Tracked and not-ignored files under SOURCES (what a fresh clone with the work in progress holds)."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", *SOURCES],
-        capture_output=True, text=True, cwd=ROOT, check=True,
+        capture_output=True, encoding="utf-8", cwd=ROOT, check=True,
     ).stdout.splitlines()
     return [name for name in listed if (ROOT / name).is_file()]
 
@@ -42,7 +43,7 @@ def wheel(tmp_path_factory) -> Path:
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w",
          str(work / "dist"), str(source)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, encoding="utf-8", timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     (built,) = (work / "dist").glob("medssl3d-*.whl")
@@ -67,12 +68,12 @@ def test_wheel_installs_and_runs_a_dry_run_from_another_folder(wheel, tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+                               capture_output=True, encoding="utf-8", check=True).stdout.strip())
     # the dependencies (torch, MONAI, ...) come from this environment; medssl3d only from the wheel
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     done = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, encoding="utf-8", timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
@@ -81,12 +82,12 @@ def test_wheel_installs_and_runs_a_dry_run_from_another_folder(wheel, tmp_path):
     write_nifti(phantom.image, phantom.affine, elsewhere / "scans" / "a.nii.gz")
     done = subprocess.run(
         [str(venv / "bin" / "medssl3d"), "pretrain", "swin_ssl", "--data", "scans", "--preset", "tiny", "--dry-run"],
-        capture_output=True, text=True, cwd=elsewhere, timeout=600,
+        capture_output=True, encoding="utf-8", cwd=elsewhere, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     installed = site / "medssl3d"
     assert f"bundle:    {installed / 'bundles' / 'swin_ssl'}" in done.stdout  # the packaged bundle, not the checkout
-    assert '"backbone_size": "tiny"' in done.stdout  # the preset, read from the packaged configs/
+    assert re.search(r'\n  backbone_size +"tiny"\n', done.stdout)  # the preset, read from the packaged configs/
     located = subprocess.run([str(python), "-c", "import medssl3d; print(medssl3d.__file__)"],
-                             capture_output=True, text=True, cwd=elsewhere, check=True).stdout.strip()
+                             capture_output=True, encoding="utf-8", cwd=elsewhere, check=True).stdout.strip()
     assert Path(located).parent == installed

@@ -280,8 +280,10 @@ def training_units(task: Task, k: int, seed: int, out_dir: str | os.PathLike, cr
 
 
 def finetune_preset(task: Task, spacing_mm: float) -> PresetConfig:
-    """The fine-tuning / test preprocessing: the task's preset at ``spacing_mm``; a fixed window for normalised
-    images."""
+    """The fine-tuning / test preprocessing: the task's preset at ``spacing_mm``.
+
+    Images normalised when they were cut (crop tasks) get a fixed window instead of per-volume scaling.
+    """
     preset = preset_for(task.modality, float(spacing_mm))
     if task.normalised:
         preset = dataclasses.replace(preset, scaling="window", a_min=NORMALISED_MIN, a_max=NORMALISED_MAX)

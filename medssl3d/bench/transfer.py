@@ -153,8 +153,10 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 
 def ci95_half_width(sd: float, n: int) -> float:
-    """Half-width of the 95 % t-interval of a mean of ``n`` values with sample sd ``sd`` (conservative between
-    tabulated degrees of freedom)."""
+    """Half-width of the 95 % t-interval of a mean of ``n`` values with sample sd ``sd``.
+
+    Between tabulated degrees of freedom the next lower row is used (a wider, conservative interval).
+    """
     if n < 2:
         raise ValueError(f"a confidence interval needs at least 2 values, got {n}")
     dof = n - 1
@@ -279,7 +281,8 @@ def _pretrain_all(cfg: TransferBenchConfig, tasks: Sequence[Task], work: Path, c
                 overrides = pretraining_overrides(
                     datalist=datalist, run_dir=work / "pretrain" / pool / method, cache_dir=cache_dir,
                     preset=pretraining_preset(cfg.spacing(task.name), task.modality),
-                    backbone_size=cfg.backbone_size, roi=cfg.roi, batch_size=cfg.pretrain_batch, seed=cfg.pretrain_seed, extra=cfg.bundle_overrides.get(method),
+                    backbone_size=cfg.backbone_size, roi=cfg.roi, batch_size=cfg.pretrain_batch,
+                    seed=cfg.pretrain_seed, extra=cfg.bundle_overrides.get(method),
                 )
                 try:
                     result = pretrain(method, overrides, steps=cfg.pretrain_steps)
@@ -321,7 +324,8 @@ def _finetune_all(cfg: TransferBenchConfig, task: Task, encoders: Mapping[tuple[
             continue
         budgets = [cfg.finetune_steps]
         if k == smallest_k:
-            budgets = sorted({max(1, round(f * cfg.finetune_steps)) for f in cfg.curve_fractions} | {cfg.finetune_steps})
+            shorter = {max(1, round(f * cfg.finetune_steps)) for f in cfg.curve_fractions}
+            budgets = sorted(shorter | {cfg.finetune_steps})
         for seed in cfg.seeds:
             units = training_units(task, k, seed, work / "tasks" / task.name / "crops", cfg.crop_mm)
             for steps in budgets:

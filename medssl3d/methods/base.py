@@ -185,8 +185,12 @@ class SSLMethod(nn.Module, abc.ABC):
         return backbone.export_state_dict(target)
 
     def default_export_source(self) -> str:
-        """``"teacher"`` where the method keeps an EMA teacher backbone (what the online probe scores), else
-        ``"student"``."""
+        """Which backbone an export hands over by default.
+
+        Returns:
+            ``"teacher"`` where the method keeps an EMA teacher backbone (what the online probe scores), else
+            ``"student"``.
+        """
         return "teacher" if hasattr(getattr(self, "teacher", None), "backbone") else "student"
 
     def train(self, mode: bool = True) -> SSLMethod:

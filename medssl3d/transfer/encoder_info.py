@@ -1,9 +1,10 @@
 """Encoders that describe themselves: what was pretrained, how, on what, stored inside the weights file.
 
 An exported encoder file is ``{"state_dict": {MONAI keys: tensors}, "medssl3d_encoder": info}``, where
-``info`` (:func:`describe_encoder`, from the run's :func:`encoder_run_info`) names the method, the backbone family and size with its width, the crop,
-the preprocessing preset (modality, spacing, intensity mapping), the optimizer steps, which network was
-exported (the EMA teacher or the student) and the medssl3d version. MONAI users load
+``info`` (:func:`describe_encoder`, from the run's :func:`encoder_run_info`) names the method, the backbone
+family and size with its width, the crop, the preprocessing preset (modality, spacing, intensity mapping),
+the optimizer steps, which network was exported (the EMA teacher or the student) and the medssl3d version.
+MONAI users load
 ``torch.load(f)["state_dict"]``; :func:`medssl3d.transfer.export.export_weights` reads both this form and
 a plain state dict. The segmentation bundle configures itself from ``info`` (:func:`encoder_setting`) and
 refuses an encoder that cannot fit the network or the data it is asked to work on

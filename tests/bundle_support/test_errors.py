@@ -47,7 +47,7 @@ def test_pretraining_bundle_run_ends_with_the_sentence(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--datalist", str(missing),
          "--output_dir", str(tmp_path / "runs"), "--ckpt_dir", str(tmp_path / "models")],
-        capture_output=True, text=True, cwd=bundle_dir("swin_ssl"), timeout=600,
+        capture_output=True, encoding="utf-8", cwd=bundle_dir("swin_ssl"), timeout=600,
     )
     assert done.returncode != 0 and "Traceback" in done.stderr
     last = done.stderr.rstrip().splitlines()[-1]

@@ -102,7 +102,7 @@ def test_torchrun_two_gloo_processes(bundle, tmp_path):
         "--train#trainer#config#batch_size", "1",
         "--train#trainer#config#num_workers", "0",
     ]
-    done = subprocess.run(cmd, cwd=BUNDLES / bundle, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=BUNDLES / bundle, env=env, capture_output=True, encoding="utf-8", timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "runs" / "checkpoints" / "last.pt")
     assert ckpt["step"] == QUICK_STEPS

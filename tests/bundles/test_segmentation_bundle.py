@@ -138,7 +138,8 @@ def test_encoder_description_configures_the_bundle_and_a_mismatch_is_refused(run
     with pytest.raises(RuntimeError) as err:  # MONAI wraps the error of a config expression
         parser.get_parsed_content("network_pretrained", lazy=False)
     assert isinstance(err.value.__cause__, ValueError)
-    assert "encoder pretrained with feature_size=12 (alice), the bundle sets feature_size=24" in str(err.value.__cause__)
+    expected = "encoder pretrained with feature_size=12 (alice), the bundle sets feature_size=24"
+    assert expected in str(err.value.__cause__)
 
 
 def test_pretrained_path_that_does_not_exist_fails(run_dir):
@@ -232,7 +233,7 @@ def test_smoke_command_runs_from_bundle_folder(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run",
          "--config_file", "['configs/train.json','configs/smoke.json']"],
-        cwd=bundle, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        cwd=bundle, capture_output=True, encoding="utf-8", env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert (bundle / "smoke" / "models" / "model.pt").is_file()

@@ -38,8 +38,8 @@ FINETUNE = ("--set", "num_workers=0", "--set", "num_samples=1", "--set", "sw_bat
 
 
 def medssl3d(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medssl3d.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=ENV, timeout=600)
+    return subprocess.run([sys.executable, "-m", "medssl3d.cli", *map(str, args)], capture_output=True,
+                          encoding="utf-8", cwd=cwd, env=ENV, timeout=600)
 
 
 def assert_user_error(done: subprocess.CompletedProcess, *names: str) -> None:
@@ -225,7 +225,7 @@ def test_monai_bundle_run_ends_with_the_error_sentence(work):
     done = subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--datalist", str(missing),
          "--ckpt_dir", str(work / "mb" / "models"), "--output_dir", str(work / "mb" / "eval")],
-        capture_output=True, text=True, cwd=bundle_dir("segmentation"), env=ENV, timeout=600,
+        capture_output=True, encoding="utf-8", cwd=bundle_dir("segmentation"), env=ENV, timeout=600,
     )
     assert done.returncode != 0
     assert "Traceback" in done.stderr  # nothing is swallowed

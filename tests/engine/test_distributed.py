@@ -34,7 +34,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "_engine_toy_run.py"), str(tmp_path), "4", "100", "0"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     seen = [json.loads((tmp_path / f"seen_rank{r}.json").read_text()) for r in range(2)]
     # 8 samples, 2 ranks, batch 2: each rank sees its 4-sample shard once per epoch (4 steps = 2 epochs).

@@ -222,7 +222,7 @@ def test_sigkill_then_resume_in_a_new_process(tmp_path):
     assert 2 <= saved_step < 30 and saved_step % 2 == 0
     reached = max(_step_losses(tmp_path / "metrics.jsonl"))
 
-    done = subprocess.run(args + ["0"], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(args + ["0"], env=env, capture_output=True, encoding="utf-8", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary_rank0.json").read_text())
     assert summary["start_step"] == saved_step and summary["step"] == 30

@@ -176,7 +176,7 @@ def test_monai_only_environment_predicts_as_medssl3d(exported, swin_run, monai_o
     env = _one_thread_env()
     for absent in ("medssl3d", "ignite"):
         tried = subprocess.run([str(monai_only_python), "-c", f"import {absent}"], cwd=exported, env=env,
-                               capture_output=True, text=True, check=False)
+                               capture_output=True, encoding="utf-8", check=False)
         assert tried.returncode != 0 and f"No module named '{absent}'" in tried.stderr
     phantom = make_phantom(modality="ct", seed=10, rotation_deg=(0.0, 0.0, 10.0))
     image = write_nifti(phantom.image, phantom.affine, tmp_path / "in" / "subject010.nii.gz")
@@ -184,7 +184,7 @@ def test_monai_only_environment_predicts_as_medssl3d(exported, swin_run, monai_o
     done = subprocess.run(
         [str(monai_only_python), "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
          "--bundle_root", str(exported), "--datalist", f"['{image}']", "--output_dir", str(tmp_path / "monai")],
-        cwd=exported, env=env, capture_output=True, text=True, check=False, timeout=600,
+        cwd=exported, env=env, capture_output=True, encoding="utf-8", check=False, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert run_predict(swin_run, [image], tmp_path / "medssl3d") == 0

@@ -187,7 +187,7 @@ def test_monai_only_bundle_is_served_without_medssl3d(env_root, exported_bundle,
     assert app.python_path is None and not (app.app_dir / "python" / "medssl3d").exists()
     serving = LabelServer(app, studies_dir, env_root, port=_free_port())
     tried = subprocess.run([str(venv_python(env_root)), "-c", "import medssl3d"], env=serving.environment(),
-                           cwd=app.app_dir, capture_output=True, text=True, check=False)
+                           cwd=app.app_dir, capture_output=True, encoding="utf-8", check=False)
     assert tried.returncode != 0 and "No module named 'medssl3d'" in tried.stderr
     with serving:
         client = LabelClient(serving.url)
