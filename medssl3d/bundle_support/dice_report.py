@@ -92,7 +92,8 @@ class DicePerClassWriter:
         report = {
             "metric": self.metric_name,
             "per_class": per_class,
-            "mean": _nanmean(torch.tensor(list(per_class.values()), dtype=torch.float64)),
+            # a class absent from every case (None) has no Dice and stays out of the mean
+            "mean": _nanmean(torch.tensor([v for v in per_class.values() if v is not None], dtype=torch.float64)),
             "cases": [
                 {"image": case, **{name: _as_float(scores[i, j]) for j, name in enumerate(self.class_names)}}
                 for i, case in enumerate(cases)
