@@ -76,7 +76,7 @@ class DemoConfig:
     seeds: tuple[int, ...] = (0, 1)
     pretrain_seed: int = 0
     warmup_epochs: float = 0.0
-    encoder_lr_scale: float = 1.0
+    encoder_lr_scale: float = 0.3
     freeze_encoder_epochs: int = 0
     budget_minutes: int = 15
 
