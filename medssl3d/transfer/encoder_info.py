@@ -20,14 +20,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 import medssl3d
 from medssl3d.data.presets import PresetConfig
 from medssl3d.engine.distributed import is_main_process
 from medssl3d.networks.backbones import BACKBONE_SIZES
-from medssl3d.transfer.export import ENCODER_INFO_KEY, STATE_DICT_KEY, atomic_torch_save
+from medssl3d.transfer.export import ENCODER_INFO_KEY, STATE_DICT_KEY, atomic_torch_save, load_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -136,13 +135,7 @@ def read_encoder_info(path: str | os.PathLike | None) -> dict[str, Any] | None:
     """
     if not path:
         return None
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"pretrained weights file {str(path)!r} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"pretrained weights file {str(path)!r} holds a {type(obj).__name__}, not a state dict")
-    info = obj.get(ENCODER_INFO_KEY)
+    info = load_weights_file(path).get(ENCODER_INFO_KEY)
     return dict(info) if isinstance(info, Mapping) else None
 
 
