@@ -66,10 +66,10 @@ class DemoConfig:
     spacing_mm: float = 3.0
     roi: int = 64
     backbone_size: str = "tiny"
-    pretrain_steps: int = 16
+    pretrain_steps: int = 120
     pretrain_batch: int = 2
     pretrain_lr: float = 5e-4
-    finetune_epochs: int = 16
+    finetune_epochs: int = 12
     finetune_samples: int = 2
     finetune_lr: float = 1e-3
     val_interval: int = 4
