@@ -41,6 +41,8 @@ __all__ = ["CaseTransform", "RegistrationProvider", "register_to_template"]
 
 DEFAULT_COARSE_SPACING = 3.0
 """mm: registration runs on volumes resampled to this isotropic spacing."""
+#: Anti-aliasing sigmas below this fraction of the input spacing are skipped (a no-op that ITK may refuse).
+MIN_SMOOTHING = 0.01
 DEFAULT_AFFINE_ITERATIONS = 200
 DEFAULT_BSPLINE_ITERATIONS = 20
 DEFAULT_BSPLINE_MESH = 4
@@ -127,10 +129,13 @@ def _coarse(volume: Volume, spacing: float) -> sitk.Image:
     image = _to_sitk(volume.array, volume.spacing)
     extent = np.asarray(volume.shape) * np.asarray(volume.spacing)
     size = [max(int(np.ceil(e / spacing)), 1) for e in extent]
-    # Smooth before subsampling (anti-aliasing), sigma in mm: half the coarse spacing.
-    sigma = [max(spacing - s, 0.0) / 2.0 for s in volume.spacing]
-    if max(sigma) > 0:
-        image = sitk.SmoothingRecursiveGaussian(image, sigma)
+    # Smooth before subsampling (anti-aliasing), sigma in mm: half the coarse spacing. Axis by axis, and only
+    # along axes that are subsampled: ITK refuses a zero sigma, and a volume already at (or a rounding error
+    # below) the coarse spacing on some axis needs none there.
+    for axis, s in enumerate(volume.spacing):
+        sigma = (spacing - s) / 2.0
+        if sigma > MIN_SMOOTHING * s:
+            image = sitk.RecursiveGaussian(image, sigma, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
     return sitk.Resample(
         image, size, sitk.Transform(), sitk.sitkLinear, (0.0, 0.0, 0.0), (spacing,) * 3, np.eye(3).ravel().tolist()
     )

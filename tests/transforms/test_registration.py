@@ -78,3 +78,24 @@ def test_case_transform_inverse_undoes_forward_with_a_residual_field():
 def test_bad_arguments_are_refused(pair):
     with pytest.raises(ValueError, match="coarse_spacing"):
         RegistrationProvider(pair[0], coarse_spacing=0)
+
+
+def test_coarse_smooths_only_the_subsampled_axes():
+    # A volume already at the coarse spacing along one axis is
+    # smoothed along the other two only; ITK refuses a zero sigma, so a joint filter failed on such volumes.
+    rng = np.random.default_rng(0)
+    array = rng.random((40, 30, 20)).astype(np.float32)
+    spacing = (1.0, 1.5, 3.0)
+    coarse = sitk.GetArrayFromImage(registration._coarse(Volume(array, spacing), 3.0))
+    image = registration._to_sitk(array, spacing)
+    for axis, sigma in ((0, 1.0), (1, 0.75)):
+        image = sitk.RecursiveGaussian(image, sigma, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
+    want = sitk.GetArrayFromImage(sitk.Resample(image, [14, 15, 20], sitk.Transform(), sitk.sitkLinear,
+                                                (0.0,) * 3, (3.0,) * 3, np.eye(3).ravel().tolist()))
+    np.testing.assert_allclose(coarse, want, atol=1e-5)
+    # with every axis subsampled it is the joint Gaussian of the same sigmas
+    iso = (1.0, 1.5, 2.0)
+    joint = sitk.SmoothingRecursiveGaussian(registration._to_sitk(array, iso), [1.0, 0.75, 0.5])
+    want = sitk.GetArrayFromImage(sitk.Resample(joint, [14, 15, 14], sitk.Transform(), sitk.sitkLinear,
+                                                (0.0,) * 3, (3.0,) * 3, np.eye(3).ravel().tolist()))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(registration._coarse(Volume(array, iso), 3.0)), want, atol=1e-4)
