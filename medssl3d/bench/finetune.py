@@ -128,6 +128,8 @@ def finetune_and_test(
         "val_interval": recipe.epochs,
         "seed": recipe.seed,
         "train#trainer#max_epochs": recipe.epochs,
+        # a benchmark run starts afresh: the state a stopped run left in its folder is not resumed
+        "resume": False,
     }
     run_workflow(SEGMENTATION_BUNDLE, ["train"], "train", overrides)
     run_workflow(SEGMENTATION_BUNDLE, ["train", "evaluate"], "train", {**overrides, "eval_split": "test"})

@@ -21,6 +21,7 @@ record's stem plots Dice and that difference against k.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -45,6 +46,7 @@ from medssl3d.bench.tasks import (
     training_units,
     write_datalist,
 )
+from medssl3d.data.sample import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ ROW_RUN = "run"
 ROW_SUMMARY = "summary"
 ROW_ERROR = "error"
 MODEL_FILE = Path("models") / "model.pt"
+#: Each finished pretraining and fine-tuning run leaves its row here: run again with the same record (``-o``),
+#: the benchmark picks up where it stopped.
+RESULT_FILE = "result.json"
 DICE_DIGITS = 3
 
 
@@ -284,8 +289,14 @@ def _pretrain_all(cfg: TransferBenchConfig, tasks: Sequence[Task], work: Path, c
                     backbone_size=cfg.backbone_size, roi=cfg.roi, batch_size=cfg.pretrain_batch,
                     seed=cfg.pretrain_seed, extra=cfg.bundle_overrides.get(method),
                 )
+                saved = work / "pretrain" / pool / method / RESULT_FILE
                 try:
-                    result = pretrain(method, overrides, steps=cfg.pretrain_steps)
+                    if saved.is_file():  # the same record again: a finished run is not repeated
+                        fields = json.loads(saved.read_text())
+                        result = PretrainResult(**{**fields, "encoder": Path(fields["encoder"])})
+                    else:
+                        result = pretrain(method, overrides, steps=cfg.pretrain_steps)
+                        atomic_write_json(saved, {**asdict(result), "encoder": str(result.encoder)})
                 except Exception as error:  # noqa: BLE001 - one failing method must not end a long benchmark
                     done[(pool, method)] = None
                     rows.append(_error_row("pretraining", task.name, method, error, pool=pool))
@@ -348,6 +359,10 @@ def _finetune_arms(cfg: TransferBenchConfig, task: Task, arms: Sequence[tuple[st
             lr=cfg.finetune_lr, seed=seed, warmup_epochs=cfg.finetune_warmup_fraction * epochs,
             encoder_lr_scale=cfg.encoder_lr_scale, freeze_encoder_epochs=int(cfg.freeze_encoder_fraction * epochs),
         )
+        saved = run_root / arm / RESULT_FILE
+        if saved.is_file():  # the same record again: a finished run is not repeated
+            rows.append(json.loads(saved.read_text()))
+            continue
         logger.info("%s k=%d seed=%d steps=%d: fine-tuning %s from %s", task.name, k, seed, steps, family, arm)
         start = time.perf_counter()
         try:
@@ -360,6 +375,7 @@ def _finetune_arms(cfg: TransferBenchConfig, task: Task, arms: Sequence[tuple[st
             continue
         row = _run_row(task, arm, k, seed, units, report, time.perf_counter() - start, recipe)
         rows.append({**row, "steps": steps, "network": family, "reference": SCRATCH_ARMS[family]})
+        atomic_write_json(saved, rows[-1])
         if not cfg.keep_models:
             (run_root / arm / MODEL_FILE).unlink(missing_ok=True)
     return rows
