@@ -7,7 +7,7 @@
 4. predict the test head with the bundle's inference.json, write a PNG figure and a Dice table, and leave the
    fine-tuned bundle (with ``models/model.pt`` and brain labels in its metadata) ready for MONAI Label.
 
-Everything runs at 3 mm, 64³ crops and Swin ``feature_size=12`` so that it fits in about 15 minutes on a
+Everything runs at 3 mm, 64³ crops and a ``tiny`` Swin (``feature_size`` 12) so that it fits in about 15 minutes on a
 2-core CPU; the numbers say whether the pipeline works and which way the comparison points, not what the
 method achieves at scale (see the README, "Performance").
 """
@@ -28,7 +28,6 @@ from medssl3d.data.sample import fetch_sample_data
 from medssl3d.engine.trainer import Pretrainer
 from medssl3d.jobs.bundles import resource_dir
 from medssl3d.methods.swin_ssl import build_swin_ssl, swin_ssl_transforms
-from medssl3d.networks.backbones import BACKBONE_SIZES
 from medssl3d.transfer.encoder_info import encoder_run_info, export_encoder
 
 logger = logging.getLogger(__name__)
@@ -69,10 +68,10 @@ class DemoConfig:
     pretrain_steps: int = 120
     pretrain_batch: int = 2
     pretrain_lr: float = 5e-4
-    finetune_epochs: int = 12
+    finetune_epochs: int = 10
     finetune_samples: int = 2
     finetune_lr: float = 1e-3
-    val_interval: int = 4
+    val_interval: int = 5
     seeds: tuple[int, ...] = (0, 1)
     pretrain_seed: int = 0
     warmup_epochs: float = 0.0
@@ -221,8 +220,7 @@ def _prepare_bundle(target: Path, datalist: Path, config: DemoConfig) -> Path:
 
 def _network_settings(config: DemoConfig) -> dict:
     """What the fine-tuned network is: written into the bundle's configs, which MONAI Label reads as they are."""
-    return {"modality": "mri", "spacing_mm": config.spacing_mm,
-            "feature_size": BACKBONE_SIZES["swin"][config.backbone_size].feature_size,
+    return {"modality": "mri", "spacing_mm": config.spacing_mm, "backbone_size": config.backbone_size,
             "roi_size": [config.roi] * 3, "sw_batch_size": 1}
 
 

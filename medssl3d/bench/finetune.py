@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medssl3d.bundle_support.networks import network_widths
 from medssl3d.bundle_support.workflow import run_workflow
 from medssl3d.data.presets import PresetConfig
 from medssl3d.jobs.bundles import bundle_dir
-from medssl3d.networks.backbones import BACKBONE_SIZES
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +27,6 @@ SEGMENTATION_BUNDLE = bundle_dir("segmentation")
 DICE_REPORT = "dice_per_class.json"
 #: Network families of the segmentation bundle by the encoder they take.
 ARCH_BY_TARGET = {"swinunetr": "swinunetr", "unetr": "unetr"}
-ENCODER_BY_ARCH = {"swinunetr": "swin", "unetr": "vit"}
-#: UNETR decoder width (MONAI's default); the ViT width comes from the encoder size.
-UNETR_FEATURE_SIZE = 16
 SLIDING_WINDOW_BATCH = 1
 
 
@@ -69,17 +66,9 @@ def network_overrides(export_target: str, backbone_size: str, roi: int) -> dict[
     if export_target not in ARCH_BY_TARGET:
         raise ValueError(f"the segmentation bundle takes {sorted(ARCH_BY_TARGET)} encoders, not {export_target!r}")
     arch = ARCH_BY_TARGET[export_target]
-    sizes = BACKBONE_SIZES[ENCODER_BY_ARCH[arch]]
-    if backbone_size not in sizes:
-        raise ValueError(f"backbone_size must be one of {sorted(sizes)}, got {backbone_size!r}")
-    size = sizes[backbone_size]
-    settings: dict[str, Any] = {"arch": arch, "roi_size": [int(roi)] * 3, "sw_batch_size": SLIDING_WINDOW_BATCH}
-    if arch == "swinunetr":
-        settings["feature_size"] = size.feature_size
-    else:
-        settings.update(feature_size=UNETR_FEATURE_SIZE, vit_hidden_size=size.hidden_size,
-                        vit_mlp_dim=size.mlp_dim, vit_num_heads=size.num_heads)
-    return settings
+    network_widths(arch, backbone_size)  # refuses a size the network's encoder family lacks, before any run
+    return {"arch": arch, "backbone_size": backbone_size, "roi_size": [int(roi)] * 3,
+            "sw_batch_size": SLIDING_WINDOW_BATCH}
 
 
 def finetune_and_test(

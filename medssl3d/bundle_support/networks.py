@@ -11,11 +11,44 @@ from collections.abc import Sequence
 from monai.networks.nets import UNETR, SwinUNETR
 from torch import nn
 
+from medssl3d.networks.backbones import BACKBONE_SIZES
+
 ARCHS = ("swinunetr", "unetr")
+#: The encoder family each network takes (keys of :data:`~medssl3d.networks.backbones.BACKBONE_SIZES`).
+ENCODER_FAMILY = {"swinunetr": "swin", "unetr": "vit"}
+#: UNETR's decoder width (MONAI's default); its encoder's width comes from the backbone size.
+UNETR_DECODER_FEATURE_SIZE = 16
 DEFAULT_FEATURE_SIZE = 48
 DEFAULT_VIT_HIDDEN_SIZE = 768
 DEFAULT_VIT_MLP_DIM = 3072
 DEFAULT_VIT_NUM_HEADS = 12
+
+
+def network_widths(arch: str, backbone_size: str) -> dict[str, int]:
+    """The network's width arguments for an encoder of a named size, the size pretraining names it by.
+
+    Args:
+        arch: ``"swinunetr"`` or ``"unetr"``.
+        backbone_size: ``"tiny"``, ``"small"`` or ``"base"``.
+
+    Returns:
+        ``feature_size``, ``vit_hidden_size``, ``vit_mlp_dim``, ``vit_num_heads`` of
+        :func:`build_segmentation_network` (for SwinUNETR the ViT ones are the defaults, unused).
+
+    Raises:
+        ValueError: an unknown ``arch`` or a size its encoder family lacks.
+    """
+    if arch not in ENCODER_FAMILY:
+        raise ValueError(f"arch={arch!r} is not one of {ARCHS}")
+    sizes = BACKBONE_SIZES[ENCODER_FAMILY[arch]]
+    if backbone_size not in sizes:
+        raise ValueError(f"backbone_size for {arch} must be one of {sorted(sizes)}, got {backbone_size!r}")
+    size = sizes[backbone_size]
+    if arch == "swinunetr":
+        return {"feature_size": size.feature_size, "vit_hidden_size": DEFAULT_VIT_HIDDEN_SIZE,
+                "vit_mlp_dim": DEFAULT_VIT_MLP_DIM, "vit_num_heads": DEFAULT_VIT_NUM_HEADS}
+    return {"feature_size": UNETR_DECODER_FEATURE_SIZE, "vit_hidden_size": size.hidden_size,
+            "vit_mlp_dim": size.mlp_dim, "vit_num_heads": size.num_heads}
 
 
 def build_segmentation_network(

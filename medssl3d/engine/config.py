@@ -121,3 +121,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-type dict (for checkpoints and logs)."""
         return dataclasses.asdict(self)
+
+
+def config_defaults() -> dict[str, Any]:
+    """Every :class:`TrainConfig` setting with its default: what a bundle's ``train#trainer#config`` leaves out.
+
+    The dataclass is the one source of these values; a bundle names only the settings it changes.
+    """
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}

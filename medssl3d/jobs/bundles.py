@@ -134,6 +134,8 @@ class BundleJob:
         user_overrides: ``id=value`` pairs from the command line; they win, and each must name an existing id
             (or a new key of an existing section).
         shown: ids whose resolved values ``--dry-run`` prints (only cheap ones without side effects).
+        shown_defaults: ``{id: defaults}`` for shown ids holding a settings dict that names only what it changes
+            (a pretraining bundle's engine settings): ``--dry-run`` prints the dict over its defaults.
     """
 
     bundle: Path
@@ -142,6 +144,7 @@ class BundleJob:
     overrides: Mapping[str, Any]
     user_overrides: Mapping[str, Any] = field(default_factory=dict)
     shown: tuple[str, ...] = ()
+    shown_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def workflow(self):
         """The bundle as a MONAI ``ConfigWorkflow`` with every override applied (not yet initialised).
@@ -178,6 +181,9 @@ class BundleJob:
     def describe(self) -> str:
         """What ``--dry-run`` prints: the bundle, its configs, the overrides and the resolved values of ``shown``."""
         resolved = self.resolve(self.shown)
+        for key, defaults in self.shown_defaults.items():
+            if key in resolved:
+                resolved[key] = {**defaults, **resolved[key]}
         overlay = {**self.overrides, **self.user_overrides}
         width = max((len(k) for k in resolved), default=0)
         lines = [

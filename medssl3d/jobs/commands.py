@@ -29,7 +29,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     request = FinetuneRequest(
         data=args.data, pretrained=args.pretrained, out=args.out, epochs=args.epochs, modality=args.modality,
-        overrides=tuple(args.overrides),
+        size=args.size, overrides=tuple(args.overrides),
     )
     return run_finetune(request, dry_run=args.dry_run)
 
@@ -75,6 +75,8 @@ def register(add: AddCommand) -> None:
     p.add_argument("--epochs", type=int, default=None, help="training epochs of the whole run (default: the bundle's)")
     p.add_argument("--modality", choices=("ct", "mri"), default=None,
                    help="data preset (default: the encoder's, else ct)")
+    p.add_argument("--size", choices=("tiny", "small", "base"), default=None,
+                   help="encoder size, as pretraining names it (default: the encoder's, else base)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved bundle config and exit")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="ID=VALUE", help=OVERRIDES_HELP)
 

@@ -31,7 +31,7 @@ MODEL = "model.pt"
 SCRATCH = "none"
 #: The bundle ids that fix the network and its preprocessing: recorded by finetune, reused by evaluate/predict.
 NETWORK_SETTINGS = (
-    "arch", "feature_size", "roi_size", "vit_hidden_size", "vit_mlp_dim", "vit_num_heads", "modality",
+    "arch", "backbone_size", "feature_size", "roi_size", "vit_hidden_size", "vit_mlp_dim", "vit_num_heads", "modality",
     "spacing_mm", "label_names",
 )
 SHOWN = (
@@ -51,6 +51,8 @@ class FinetuneRequest:
         out: the run folder.
         epochs: training epochs of the whole run (``None``: the bundle's).
         modality: ``"ct"`` / ``"mri"`` (``None``: the encoder's, else the bundle's).
+        size: ``"tiny"`` / ``"small"`` / ``"base"`` encoder, as pretraining names it (``None``: the encoder's,
+            else ``base``); the bundle's ``backbone_size``.
         overrides: ``id=value`` bundle overrides; they win.
 
     Raises:
@@ -63,6 +65,7 @@ class FinetuneRequest:
     out: str
     epochs: int | None = None
     modality: str | None = None
+    size: str | None = None
     overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -98,6 +101,8 @@ def finetune_job(request: FinetuneRequest, datalist: Path) -> BundleJob:
         overrides["train#trainer#max_epochs"] = request.epochs
     if request.modality is not None:
         overrides["modality"] = request.modality
+    if request.size is not None:
+        overrides["backbone_size"] = request.size
     return BundleJob(
         bundle=bundle, configs=configs, workflow_type="train", overrides=overrides,
         user_overrides=parse_overrides(request.overrides), shown=SHOWN,
@@ -113,7 +118,8 @@ def write_run_record(run_dir: Path, record: Mapping[str, Any]) -> Path:
     path = run_dir / RUN_RECORD
     if path.is_file():
         earlier = read_run_record(run_dir)["settings"]
-        changed = sorted(k for k in NETWORK_SETTINGS if earlier.get(k) != record["settings"].get(k))
+        # a setting the earlier record lacks (written by an older version) is not a difference
+        changed = sorted(k for k in NETWORK_SETTINGS if k in earlier and earlier[k] != record["settings"].get(k))
         if changed:
             first = changed[0]
             raise ValueError(f"{path}: this run was fine-tuned with {first}={earlier.get(first)!r}, now "
@@ -177,8 +183,8 @@ def run_finetune(request: FinetuneRequest, *, dry_run: bool = False) -> int:
     workflow = job.run().workflow
     trainer = workflow.parser.get_parsed_content("train#trainer")
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
-    line = (f"fine-tuned {settings['arch']} (feature_size {settings['feature_size']}) to epoch "
-            f"{trainer.state.epoch}/{trainer.state.max_epochs}")
+    line = (f"fine-tuned {settings['arch']} ({settings['backbone_size']}, feature_size {settings['feature_size']}) "
+            f"to epoch {trainer.state.epoch}/{trainer.state.max_epochs}")
     if evaluator.state.best_metric_epoch > 0:  # MONAI's -1: no validation in this process
         line += (f"; best validation mean Dice {evaluator.state.best_metric:.4f} "
                  f"at epoch {evaluator.state.best_metric_epoch}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medssl3d.engine.config import config_defaults
 from medssl3d.jobs.bundles import BundleJob, bundle_dir, parse_overrides, read_configs
 from medssl3d.jobs.inputs import datalist_for
 
@@ -35,10 +36,12 @@ MULTI_GPU = "multi_gpu_train"
 PURE_REFERENCE = re.compile(r"^@[\w#]+$")
 #: A bundle value that is the method preset's value of a config field (``"$@method_preset_config.roi_size"``).
 PRESET_VALUE = re.compile(r"^\$@method_preset_config\.\w+$")
+#: The engine settings of a pretraining bundle: what it changes of :class:`~medssl3d.engine.config.TrainConfig`.
+ENGINE_SETTINGS = "train#trainer#config"
 #: Ids whose resolved values ``--dry-run`` prints besides the method's own settings.
 SHOWN = (
     "datalist", "output_dir", "ckpt_dir", "cache_dir", "modality", "preset", "backbone_size", "roi_size",
-    "export_target", "export_path", "train#trainer#max_steps", "train#trainer#max_epochs", "train#trainer#config",
+    "export_target", "export_path", "train#trainer#max_steps", "train#trainer#max_epochs", ENGINE_SETTINGS,
 )
 #: Progress lines of a run given ``--steps`` (the engine logs every ``log_every`` steps, at most the bundle's).
 PROGRESS_LINES = 20
@@ -160,7 +163,8 @@ def pretrain_job(request: PretrainRequest, datalist: Path, *, distributed: bool)
                              "derived from as id=value overrides instead")
         overrides["roi_size"] = [request.roi] * 3
     if request.steps is not None:
-        log_every = min(int(parser.get("train#trainer#config#log_every")), max(1, request.steps // PROGRESS_LINES))
+        engine = {**config_defaults(), **parser.get(ENGINE_SETTINGS)}
+        log_every = min(int(engine["log_every"]), max(1, request.steps // PROGRESS_LINES))
         overrides.update({
             "train#trainer#max_epochs": None,
             "train#trainer#max_steps": request.steps,
@@ -175,6 +179,7 @@ def pretrain_job(request: PretrainRequest, datalist: Path, *, distributed: bool)
         overrides=overrides,
         user_overrides=parse_overrides(request.overrides),
         shown=(*SHOWN, *plain),
+        shown_defaults={ENGINE_SETTINGS: config_defaults()},
     )
 
 

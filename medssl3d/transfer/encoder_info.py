@@ -142,8 +142,8 @@ def read_encoder_info(path: str | os.PathLike | None) -> dict[str, Any] | None:
 def encoder_setting(info: Mapping[str, Any] | None, name: str, default: Any) -> Any:
     """A segmentation-bundle setting taken from the encoder's description, else ``default``.
 
-    ``name`` is one of ``feature_size``, ``vit_hidden_size``, ``vit_mlp_dim``, ``vit_num_heads``,
-    ``roi_size``, ``modality``, ``spacing_mm``, ``arch``.
+    ``name`` is one of ``backbone_size``, ``feature_size``, ``vit_hidden_size``, ``vit_mlp_dim``,
+    ``vit_num_heads``, ``roi_size``, ``modality``, ``spacing_mm``, ``arch``.
 
     Raises:
         ValueError: an unknown ``name``.
@@ -158,6 +158,7 @@ def encoder_setting(info: Mapping[str, Any] | None, name: str, default: Any) -> 
 
 _SETTINGS = {
     "arch": lambda info: info["export_target"],
+    "backbone_size": lambda info: info.get("backbone_size"),
     "feature_size": lambda info: info["width"].get("feature_size"),
     "vit_hidden_size": lambda info: info["width"].get("hidden_size"),
     "vit_mlp_dim": lambda info: info["width"].get("mlp_dim"),
@@ -178,6 +179,7 @@ def fitting_encoder(
     modality: str,
     spacing_mm: float | Sequence[float] | None,
     roi_size: Sequence[int],
+    backbone_size: str | None = None,
 ) -> str | os.PathLike | None:
     """``path`` itself, once its encoder is known to serve the segmentation network and data it is set up for.
 
@@ -195,6 +197,7 @@ def fitting_encoder(
         modality: the bundle's ``modality``.
         spacing_mm: the bundle's ``spacing_mm`` (``None``: the encoder's).
         roi_size: the bundle's ``roi_size``.
+        backbone_size: the bundle's ``backbone_size`` (``None``: only the widths are compared).
 
     Raises:
         ValueError: ``"<file>: encoder pretrained with <setting>=<a> (<method>), the bundle sets <setting>=<b>"``.
@@ -205,8 +208,11 @@ def fitting_encoder(
         ("feature_size", "feature_size", feature_size) if arch == "swinunetr"
         else ("vit_hidden_size", "hidden_size", vit_hidden_size)
     )
-    required = [("arch", info["export_target"], arch), (setting, info["width"].get(key), wanted),
-                ("modality", str(info["preset"]["modality"]).lower(), str(modality).lower())]
+    required = [("arch", info["export_target"], arch)]
+    if backbone_size is not None and info.get("backbone_size") is not None:
+        required.append(("backbone_size", info["backbone_size"], backbone_size))
+    required += [(setting, info["width"].get(key), wanted),
+                 ("modality", str(info["preset"]["modality"]).lower(), str(modality).lower())]
     for name, theirs, ours in required:
         if theirs != ours:
             raise ValueError(

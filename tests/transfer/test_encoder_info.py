@@ -61,6 +61,7 @@ def test_bundle_settings_come_from_the_description():
     assert encoder_setting(info, "spacing_mm", None) == [2.0, 2.0, 2.0]
     assert encoder_setting(info, "roi_size", [96] * 3) == [64, 64, 64]
     assert encoder_setting(info, "arch", "unetr") == "swinunetr"
+    assert encoder_setting(info, "backbone_size", "base") == "tiny"
     assert encoder_setting(info, "vit_hidden_size", 768) == 768  # a Swin encoder has no ViT width
     vit = _info(export_target="unetr", backbone_size="small")
     assert encoder_setting(vit, "vit_hidden_size", 768) == 384 and encoder_setting(vit, "vit_num_heads", 12) == 6
@@ -76,6 +77,7 @@ SETTINGS = dict(arch="swinunetr", feature_size=12, vit_hidden_size=768, modality
     ({"feature_size": 48}, "feature_size=12 .*feature_size=48"),
     ({"modality": "ct"}, "modality='mri' .*modality='ct'"),
     ({"arch": "unetr"}, "arch='swinunetr' .*arch='unetr'"),
+    ({"backbone_size": "small", "feature_size": 24}, "backbone_size='tiny' .*backbone_size='small'"),
 ])
 def test_mismatch_is_refused_in_one_line_naming_both_values(encoder, change, message):
     path = encoder[0]
