@@ -63,22 +63,22 @@ def _cmd_fetch_data(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from medssl3d.transfer.encoder_info import describe_encoder, save_encoder
-    from medssl3d.transfer.export import export_weights, load_weights_file, save_weights
+    from medssl3d.transfer.export import default_source, export_weights, load_weights_file, save_weights
 
     ckpt = load_weights_file(args.checkpoint)
-    state = export_weights(ckpt, target=args.target, source=args.source)
     run_info = ckpt.get("run_info") or {}
+    source = args.source or default_source(ckpt)
+    target = args.target or run_info.get("export_target", "swinunetr")
+    if run_info and run_info["export_target"] != target:
+        raise ValueError(f"{args.checkpoint}: pretrained for {run_info['export_target']!r}, not --target {target}")
+    state = export_weights(ckpt, target=target, source=source)
     if run_info:
-        if run_info["export_target"] != args.target:
-            raise ValueError(
-                f"{args.checkpoint}: pretrained for {run_info['export_target']!r}, not --target {args.target}"
-            )
-        save_encoder(state, args.output, describe_encoder(run_info, steps=ckpt.get("step", 0), source=args.source))
+        save_encoder(state, args.output, describe_encoder(run_info, steps=ckpt.get("step", 0), source=source))
         described = f", described ({run_info['method']}, {run_info['backbone_size']}, step {ckpt.get('step', 0)})"
     else:
         save_weights(state, args.output)
         described = " (the checkpoint holds no run description)"
-    print(f"wrote {args.output}: {len(state)} tensors of the {args.source} for MONAI {args.target}{described}")
+    print(f"wrote {args.output}: {len(state)} tensors of the {source} for MONAI {target}{described}")
     return 0
 
 
@@ -182,9 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", _cmd_export, "Turn a pretraining checkpoint into weights for MONAI SwinUNETR / UNETR.")
     p.add_argument("checkpoint", help="a pretraining checkpoint (.pt)")
     p.add_argument("-o", "--output", required=True, help="the weights file to write")
-    p.add_argument("--target", choices=("swinunetr", "unetr"), default="swinunetr")
-    p.add_argument("--source", choices=("teacher", "student"), default="student",
-                   help="the EMA teacher's backbone or the student's (default: student)")
+    p.add_argument("--target", choices=("swinunetr", "unetr"), default=None,
+                   help="the MONAI network (default: the run's, else swinunetr)")
+    p.add_argument("--source", choices=("teacher", "student"), default=None,
+                   help="the EMA teacher's backbone or the student's (default: the teacher where the run has one, "
+                        "as the bundles export)")
 
     p = add("anomaly-map", _cmd_anomaly_map, "Write AFiRe anomaly heatmaps (NIfTI, aligned with the input).")
     p.add_argument("checkpoint", help="an AFiRe pretraining checkpoint")

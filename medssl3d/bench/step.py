@@ -68,6 +68,7 @@ COLUMNS = (
     ("overhead", "÷ bare fwd+bwd", ".2f"),
     ("vs_reference", "÷ reference", ".2f"),
 )
+COMPILE_COLUMN = ("compile_s", "compile (s)", ".1f")
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,9 @@ class StepSuite:
         fused_attention: the Swin methods' fused window attention (the bundles' ``fused_attention``); false
             runs MONAI's. The reference recipe is MONAI's either way.
         seed: seed of the phantoms and of the view generation.
+        compile_backend: ``torch.compile`` each method's student backbone with this backend (the engine's
+            ``compile_backend``; None: plain PyTorch). The first step's time and the compilation it paid
+            (``compile_s``: first step minus the median) are reported; FLOPs are not counted on a compiled step.
     """
 
     size: str = "tiny"
@@ -133,6 +137,7 @@ class StepSuite:
     correspondence: str = "body_box"
     fused_attention: bool = True
     seed: int = 0
+    compile_backend: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "methods", tuple(self.methods))
@@ -266,6 +271,7 @@ def _engine_step(
         **train_config, "max_steps": BENCH_TOTAL_STEPS, "batch_size": len(samples), "num_workers": 0,
         "precision": suite.precision, "out_dir": str(out_dir), "resume": None, "tensorboard": False,
         "ckpt_every": BENCH_CKPT_EVERY, "log_every": BENCH_CKPT_EVERY, "seed": suite.seed,
+        "compile_backend": suite.compile_backend,
     }
     # The engine sets its loader up from the samples; the timed steps bypass it, their views are drawn.
     trainer = Pretrainer(method, samples, config=config, device=device)
@@ -325,15 +331,18 @@ def _measure(subject: _Measured, suite: StepSuite, device: torch.device, peak_gf
     row: dict[str, Any] = {"name": subject.name, "backbone": subject.backbone, "params_m": subject.params / 1e6}
     # The first step is untimed (the first of the warm-up): it counts the FLOPs and records the backbone's inputs.
     recorder = _InputRecorder(subject.bare_module)
-    if suite.flops:
+    flops = suite.flops and not (suite.compile_backend and subject.name != REFERENCE)
+    if flops:
         row["gflop_per_step"] = count_flops(subject.step) / GIGA
     else:
-        subject.step()
+        row["first_step_s"] = time_call(subject.step, device=device, warmup=0, repeats=1).median
     inputs = recorder.close()
     with PeakMemory(device) as memory:
         timing = time_call(subject.step, device=device, warmup=max(suite.warmup - 1, 0), repeats=suite.repeats)
     row.update(step_s=timing.median, step_spread=timing.spread, peak_memory_mib=memory.peak_mib)
-    if suite.flops:
+    if "first_step_s" in row and suite.compile_backend and subject.name != REFERENCE:
+        row["compile_s"] = row["first_step_s"] - timing.median
+    if flops:
         row["gflop_per_s"] = row["gflop_per_step"] / timing.median
         row["peak_fraction"] = row["gflop_per_s"] / peak_gflops
     if suite.bare and inputs:
@@ -430,6 +439,8 @@ def run(
         f"{cfg.size}: crops {'x'.join(map(str, roi))}, batch {batch_size}, {cfg.precision} on {device} "
         f"({torch.get_num_threads()} threads); dense matmul peak {peak:.0f} GFLOP/s; "
         f"median of {cfg.repeats} steps after {cfg.warmup} warm-up; Swin window attention "
-        f"{'fused' if cfg.fused_attention else 'MONAI'}."
+        f"{'fused' if cfg.fused_attention else 'MONAI'}"
+        f"{f'; student backbones compiled ({cfg.compile_backend})' if cfg.compile_backend else ''}."
     )
-    return path, record.format_table(rows, COLUMNS) + "\n\n" + caption
+    columns = (*COLUMNS, COMPILE_COLUMN) if cfg.compile_backend else COLUMNS
+    return path, record.format_table(rows, columns) + "\n\n" + caption

@@ -42,6 +42,9 @@ class TrainConfig:
         freeze_last_layer_epochs: epochs during which they are not updated (an epoch of optimizer steps of one
             process, so one epoch whatever the number of processes); the longer of the two freezes wins.
         find_unused_parameters: passed to DDP.
+        compile_backend: ``torch.compile`` the student's backbone with this backend (``"inductor"``); None: plain
+            PyTorch. The first steps pay the compilation (``medssl3d bench step compile_backend=inductor`` reports
+            it beside the step time).
         tensorboard: write TensorBoard event files.
         seed_transforms: reseed the dataset's random transform per (seed, epoch, index), so
             augmentation is reproduced exactly on resume; applies when the engine builds the loader.
@@ -72,6 +75,7 @@ class TrainConfig:
     freeze_last_layer_steps: int = 0
     freeze_last_layer_epochs: int = 0
     find_unused_parameters: bool = False
+    compile_backend: str | None = None
     tensorboard: bool = True
     seed_transforms: bool = True
 
@@ -86,6 +90,8 @@ class TrainConfig:
         object.__setattr__(self, "out_dir", str(self.out_dir))
         if self.resume is not None:
             object.__setattr__(self, "resume", str(self.resume))
+        if self.compile_backend is not None and not (isinstance(self.compile_backend, str) and self.compile_backend):
+            raise ValueError(f"compile_backend must be a torch.compile backend or None, got {self.compile_backend!r}")
         if self.max_steps is None and self.max_epochs is None:
             raise ValueError("set max_steps or max_epochs (both None)")
         for name in ("max_steps", "max_epochs"):

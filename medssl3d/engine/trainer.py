@@ -234,6 +234,8 @@ class Pretrainer:
         method.train()
         if cfg.grad_checkpointing and method.set_grad_checkpointing(True) == 0:
             logger.warning("method %r does not support gradient checkpointing; flag ignored", method.name)
+        if cfg.compile_backend and method.compile_backbone(cfg.compile_backend) == 0:
+            logger.warning("method %r has no student backbone to compile; compile_backend ignored", method.name)
         self.auxiliaries: list[Auxiliary] = list(method.auxiliary_objectives())
         all_ids = {id(p) for p in method.parameters()}
         names = [a.name for a in self.auxiliaries]

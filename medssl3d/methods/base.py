@@ -166,6 +166,21 @@ class SSLMethod(nn.Module, abc.ABC):
                 count += 1
         return count
 
+    def compile_backbone(self, backend: str) -> int:
+        """``torch.compile`` the student's backbone in place (its state-dict keys stay as they are).
+
+        Args:
+            backend: a ``torch.compile`` backend (``"inductor"``: generated kernels; ``"eager"``: tracing only).
+
+        Returns:
+            Number of modules compiled (0: the student has no ``backbone``).
+        """
+        backbone = getattr(self.student, "backbone", None)
+        if not isinstance(backbone, nn.Module):
+            return 0
+        backbone.compile(backend=backend)
+        return 1
+
     def export_state_dict(self, target: str, source: str = "student") -> dict[str, torch.Tensor]:
         """The backbone's weights keyed for MONAI ``target`` ("swinunetr" or "unetr").
 

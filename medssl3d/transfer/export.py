@@ -167,6 +167,16 @@ def export_weights(
     return import_weights(checkpoint_or_state, target, source).state
 
 
+def default_source(checkpoint: Mapping[str, Any]) -> str:
+    """What an export hands over when not told: the EMA teacher where the checkpoint keeps one, else the student.
+
+    The same rule as every pretraining bundle's export (:meth:`~medssl3d.methods.base.SSLMethod.default_export_source`).
+    """
+    model = checkpoint.get(CHECKPOINT_MODEL_KEY, checkpoint)
+    teacher = BACKBONE_PREFIXES["teacher"]
+    return "teacher" if isinstance(model, Mapping) and any(str(k).startswith(teacher) for k in model) else "student"
+
+
 def import_weights(
     checkpoint_or_state: WeightsLike, target: str | None = None, source: str = "student"
 ) -> ImportedWeights:

@@ -134,6 +134,17 @@ def test_run_writes_a_finite_record(tmp_path):
     assert "swin_ssl" in table and REFERENCE in table
 
 
+def test_compiled_run_reports_its_compilation(tmp_path):
+    out = tmp_path / "step.json"
+    _, table = run("smoke", out, ["roi=[64,32,32]", "methods=[swin_ssl]", "warmup=0", "repeats=1", "bare=false",
+                                  "compile_backend=eager"])
+    method, reference = json.loads(out.read_text())["results"]
+    assert method["first_step_s"] > 0 and method["compile_s"] == method["first_step_s"] - method["step_s"]
+    assert "gflop_per_step" not in method  # not counted on a compiled step
+    assert reference["gflop_per_step"] > 0 and "compile_s" not in reference  # the reference stays plain PyTorch
+    assert "compile (s)" in table and "compiled (eager)" in table
+
+
 @pytest.fixture
 def phantoms(tmp_path):
     return write_smoke_datalist(

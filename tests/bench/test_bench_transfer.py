@@ -92,10 +92,12 @@ def test_scratch_in_methods_is_refused():
 
 
 def test_network_follows_the_encoder():
-    assert network_overrides("swinunetr", "tiny", 64)["feature_size"] == 12
+    swin = network_overrides("swinunetr", "tiny", 64)
+    assert (swin["arch"], swin["backbone_size"], swin["roi_size"]) == ("swinunetr", "tiny", [64, 64, 64])
     unetr = network_overrides("unetr", "small", 96)
-    assert (unetr["arch"], unetr["vit_hidden_size"], unetr["vit_num_heads"]) == ("unetr", 384, 6)
-    assert unetr["roi_size"] == [96, 96, 96]
+    assert (unetr["arch"], unetr["backbone_size"], unetr["roi_size"]) == ("unetr", "small", [96, 96, 96])
+    with pytest.raises(ValueError, match="'huge'"):
+        network_overrides("unetr", "huge", 96)
     with pytest.raises(ValueError, match="basicunet"):
         network_overrides("basicunet", "tiny", 64)
 
@@ -203,3 +205,22 @@ def test_run_on_phantoms_writes_record_table_and_figure(tmp_path):
     assert (runs_dir / "swin_ssl" / "eval" / "dice_per_class.json").is_file()
     assert not (runs_dir / "swin_ssl" / "models" / "model.pt").exists()  # keep_models is off
     assert "### phantom" in table and "Δ vs scratch" in table
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_stopped_run_picks_up_where_it_stopped(tmp_path, monkeypatch):
+    out = tmp_path / "transfer.json"
+    overrides = ["source=phantoms", "tasks=[phantom]", "methods=[swin_ssl]", "ks=[1]", "seeds=[0]",
+                 "pretrain_steps=1", "pretrain_batch=1", "finetune_steps=1", "curve_fractions=[]"]
+    first = json.loads(transfer.run("smoke", out, overrides)[0].read_text())["results"]
+    calls = []
+    real = transfer.finetune_and_test
+    monkeypatch.setattr(transfer, "pretrain", lambda *a, **k: calls.append("pretrain"))
+    monkeypatch.setattr(transfer, "finetune_and_test", lambda *a, **k: calls.append("finetune") or real(*a, **k))
+    # a second seed: only its two fine-tuning runs are new; the pretraining and seed 0 are read back
+    again = json.loads(transfer.run("smoke", out, [*overrides, "seeds=[0,1]"])[0].read_text())["results"]
+    assert calls == ["finetune", "finetune"]
+    runs = [r for r in again if r["row"] == "run"]
+    assert [(r["method"], r["seed"]) for r in runs] == [("scratch", 0), ("swin_ssl", 0), ("scratch", 1), ("swin_ssl", 1)]
+    assert runs[:2] == [r for r in first if r["row"] == "run"]
+    assert [r for r in again if r["row"] == "pretrain"] == [r for r in first if r["row"] == "pretrain"]

@@ -96,14 +96,19 @@ def test_export_hands_over_the_teacher_with_the_run_description(tmp_path):
     ckpt = save_checkpoint({"method": "alice", "backbone": "swin-tiny", "model": model, "step": 42,
                             "run_info": run_info}, tmp_path / "last.pt")
     out = tmp_path / "encoder.pt"
-    done = medssl3d("export", str(ckpt), "-o", str(out), "--source", "teacher")
+    done = medssl3d("export", str(ckpt), "-o", str(out))  # the teacher by default, as the bundles export
     assert done.returncode == 0, done.stderr
+    assert "tensors of the teacher" in done.stdout
     saved = torch.load(out, weights_only=True)["state_dict"]
     key = "swinViT.patch_embed.proj.weight"
     torch.testing.assert_close(saved[key], teacher.state_dict()[f"net.{key}"])
     assert not torch.equal(saved[key], student.state_dict()[f"net.{key}"])
     info = read_encoder_info(out)
     assert (info["method"], info["steps"], info["source"], info["preset"]["modality"]) == ("alice", 42, "teacher", "ct")
+    student_file = tmp_path / "student.pt"
+    assert medssl3d("export", str(ckpt), "-o", str(student_file), "--source", "student").returncode == 0
+    torch.testing.assert_close(torch.load(student_file, weights_only=True)["state_dict"][key],
+                               student.state_dict()[f"net.{key}"])
     wrong = medssl3d("export", str(ckpt), "-o", str(tmp_path / "x.pt"), "--target", "unetr")
     assert wrong.returncode == 2 and "swinunetr" in wrong.stderr and "Traceback" not in wrong.stderr
 

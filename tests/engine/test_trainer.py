@@ -240,3 +240,18 @@ def test_bf16_autocast_on_cpu(tmp_path):
                          batch_size=2, tensorboard=False).run()
     assert np.isfinite(summary["final_loss"])
     assert all(p.dtype == torch.float32 for p in method.parameters())  # autocast, not a cast of the weights
+
+
+def test_compiled_backbone_trains_like_the_plain_one(tmp_path):
+    # "eager" runs the real torch.compile path (Dynamo tracing, guards, in-place module compile) without
+    # generating kernels, so the losses must match the plain run exactly and the checkpoint keys stay the same.
+    data = BlobVolumes(n=8, transform=Jitter())
+    plain = Pretrainer(_toy(), data, max_steps=3, out_dir=tmp_path / "a", **FAST).run()
+    method = _toy()
+    compiled = Pretrainer(method, data, max_steps=3, out_dir=tmp_path / "b", compile_backend="eager", **FAST).run()
+    assert method.student.backbone._compiled_call_impl is not None
+    np.testing.assert_allclose(compiled["loss_history"], plain["loss_history"], rtol=0, atol=1e-6)
+    keys = set(load_checkpoint(compiled["checkpoint"])["model"])
+    assert keys == set(load_checkpoint(plain["checkpoint"])["model"])
+    with pytest.raises(ValueError, match="compile_backend"):
+        TrainConfig(max_steps=1, compile_backend="")
