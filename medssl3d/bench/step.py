@@ -331,7 +331,8 @@ def _measure(subject: _Measured, suite: StepSuite, device: torch.device, peak_gf
     row: dict[str, Any] = {"name": subject.name, "backbone": subject.backbone, "params_m": subject.params / 1e6}
     # The first step is untimed (the first of the warm-up): it counts the FLOPs and records the backbone's inputs.
     recorder = _InputRecorder(subject.bare_module)
-    flops = suite.flops and not (suite.compile_backend and subject.name != REFERENCE)
+    compiled = bool(suite.compile_backend) and subject.name != REFERENCE  # the reference stays plain PyTorch
+    flops = suite.flops and not compiled
     if flops:
         row["gflop_per_step"] = count_flops(subject.step) / GIGA
     else:
@@ -340,7 +341,7 @@ def _measure(subject: _Measured, suite: StepSuite, device: torch.device, peak_gf
     with PeakMemory(device) as memory:
         timing = time_call(subject.step, device=device, warmup=max(suite.warmup - 1, 0), repeats=suite.repeats)
     row.update(step_s=timing.median, step_spread=timing.spread, peak_memory_mib=memory.peak_mib)
-    if "first_step_s" in row and suite.compile_backend and subject.name != REFERENCE:
+    if compiled:
         row["compile_s"] = row["first_step_s"] - timing.median
     if flops:
         row["gflop_per_s"] = row["gflop_per_step"] / timing.median
