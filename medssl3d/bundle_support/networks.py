@@ -12,6 +12,7 @@ from monai.networks.nets import UNETR, SwinUNETR
 from torch import nn
 
 from medssl3d.networks.backbones import BACKBONE_SIZES
+from medssl3d.networks.window_attention import fuse_window_attention
 
 ARCHS = ("swinunetr", "unetr")
 #: The encoder family each network takes (keys of :data:`~medssl3d.networks.backbones.BACKBONE_SIZES`).
@@ -62,6 +63,7 @@ def build_segmentation_network(
     vit_mlp_dim: int = DEFAULT_VIT_MLP_DIM,
     vit_num_heads: int = DEFAULT_VIT_NUM_HEADS,
     use_checkpoint: bool = False,
+    fused_attention: bool = True,
 ) -> nn.Module:
     """Build a MONAI 3D segmentation network: ``(B, in_channels, D, H, W)`` -> ``(B, out_channels, D, H, W)``.
 
@@ -76,6 +78,9 @@ def build_segmentation_network(
         vit_mlp_dim: UNETR ViT MLP width.
         vit_num_heads: UNETR ViT attention heads.
         use_checkpoint: SwinUNETR gradient checkpointing (saves memory on large ROIs).
+        fused_attention: SwinUNETR's window attention as the fused modules pretraining uses
+            (:func:`~medssl3d.networks.window_attention.fuse_window_attention`): the same state-dict keys and
+            outputs as MONAI's, about twice as fast on CPU; false keeps MONAI's modules.
 
     Returns:
         The network (on CPU).
@@ -84,13 +89,16 @@ def build_segmentation_network(
         ValueError: unknown ``arch``, or ``"unetr"`` without ``img_size``.
     """
     if arch == "swinunetr":
-        return SwinUNETR(
+        net = SwinUNETR(
             in_channels=in_channels,
             out_channels=out_channels,
             feature_size=feature_size,
             use_checkpoint=use_checkpoint,
             spatial_dims=3,
         )
+        if fused_attention:
+            fuse_window_attention(net)
+        return net
     if arch == "unetr":
         if img_size is None:
             raise ValueError("arch='unetr' needs img_size (the ROI size the ViT encoder was built for)")

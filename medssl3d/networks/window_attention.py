@@ -393,6 +393,9 @@ class FusedBasicLayer(BasicLayer):
     def forward(self, x: Tensor) -> Tensor:
         """Run the stage on ``x`` ``(B, C, *spatial)``; returns ``(B, C', *spatial')`` as MONAI's does."""
         b, _, *spatial = x.shape
+        # a plain tensor inside the stage: a batched MONAI MetaTensor (what the bundles' loaders hand over) cannot
+        # be sliced by window groups, and its metadata bookkeeping on every op is pure overhead here
+        x = x.as_subclass(Tensor) if type(x) is not Tensor else x
         # channels-last memory once (a no-op for the previous fused stage's output): MONAI's
         # permuted view made every norm, linear and residual add of the stage copy it
         x = x.movedim(1, -1).contiguous()

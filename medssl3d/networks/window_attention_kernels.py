@@ -87,14 +87,14 @@ def _work_buffers(qkv: Tensor, rows: tuple[int, ...], count: int) -> tuple[Tenso
     n = qkv.shape[1]
     chunk = max(1, BACKWARD_CHUNK_BYTES * torch.get_num_threads() // (n * n * qkv.element_size()))
     chunk = min(chunk, max(rows))
-    return tuple(qkv.new_empty(chunk, n, n) for _ in range(count))
+    return tuple(qkv.new_empty((chunk, n, n)) for _ in range(count))
 
 
 def _grouped_forward(qkv: Tensor, bias: Tensor, rows: tuple[int, ...], scale: float) -> tuple[Tensor, Tensor]:
     """Output ``(B, n, heads, d)`` and log-sum-exp ``(B, heads, n)`` of every group, on the CPU."""
     b, n, _, h, d = qkv.shape
-    out = qkv.new_empty(b, n, h, d)
-    lse = qkv.new_empty(b, h, n)
+    out = qkv.new_empty((b, n, h, d))
+    lse = qkv.new_empty((b, h, n))
     chunked = d <= CHUNKED_FORWARD_MAX_HEAD_DIM
     buffers = _work_buffers(qkv, rows, 1) if chunked else ()
     start = 0
@@ -132,8 +132,8 @@ def _chunked_forward(
     # layouts and exp2 as in _group_backward
     q_hb = q.transpose(0, 1).contiguous()
     k_t, v_t = (t.permute(1, 0, 3, 2).contiguous() for t in (k, v))
-    out_t = q.new_empty(h, count, d, n)
-    lse = q.new_empty(h, count, n, 1)
+    out_t = q.new_empty((h, count, d, n))
+    lse = q.new_empty((h, count, n, 1))
     chunk = buffer.shape[0]
     for head in range(h):
         bias_head = (bias[head] * LOG2E).expand(chunk, n, n)

@@ -221,6 +221,7 @@ def test_a_stopped_run_picks_up_where_it_stopped(tmp_path, monkeypatch):
     again = json.loads(transfer.run("smoke", out, [*overrides, "seeds=[0,1]"])[0].read_text())["results"]
     assert calls == ["finetune", "finetune"]
     runs = [r for r in again if r["row"] == "run"]
-    assert [(r["method"], r["seed"]) for r in runs] == [("scratch", 0), ("swin_ssl", 0), ("scratch", 1), ("swin_ssl", 1)]
+    assert [(r["method"], r["seed"]) for r in runs] == [
+        ("scratch", 0), ("swin_ssl", 0), ("scratch", 1), ("swin_ssl", 1)]
     assert runs[:2] == [r for r in first if r["row"] == "run"]
     assert [r for r in again if r["row"] == "pretrain"] == [r for r in first if r["row"] == "pretrain"]

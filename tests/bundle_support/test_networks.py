@@ -34,3 +34,31 @@ def test_the_widths_build_the_network_an_encoder_of_that_size_fits():
 def test_unknown_arch_or_size_is_refused(arch, size, message):
     with pytest.raises(ValueError, match=message):
         network_widths(arch, size)
+
+
+def test_fused_swinunetr_keeps_monai_keys_outputs_and_gradients():
+    """The fused network loads MONAI's state dict as is and computes the same logits and gradients."""
+    from monai.data import MetaTensor, list_data_collate
+    from monai.networks.nets.swin_unetr import WindowAttention
+
+    from medssl3d.networks.window_attention import FusedWindowAttention
+
+    torch.manual_seed(0)
+    kwargs = {"in_channels": 1, "out_channels": 3, **network_widths("swinunetr", "tiny")}
+    plain = build_segmentation_network("swinunetr", fused_attention=False, **kwargs)
+    fused = build_segmentation_network("swinunetr", **kwargs)
+    assert list(plain.state_dict()) == list(fused.state_dict())
+    fused.load_state_dict(plain.state_dict())
+    kinds = lambda net: {type(m) for m in net.modules() if isinstance(m, WindowAttention)}  # noqa: E731
+    assert kinds(plain) == {WindowAttention} and kinds(fused) == {FusedWindowAttention}
+    # a crop whose sides are not all equal (shifted windows pad differently along each axis), as the MetaTensor
+    # MONAI's loaders hand the bundle
+    x = list_data_collate([MetaTensor(torch.randn(1, 64, 32, 64))])
+    assert isinstance(x, MetaTensor) and x.is_batch
+    outs = []
+    for net in (plain, fused):
+        y = net(x)
+        y.square().mean().backward()
+        outs.append((y.detach(), net.swinViT.patch_embed.proj.weight.grad.clone()))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-3, atol=1e-6)

@@ -283,3 +283,30 @@ def test_smoke_datalist_is_written_once(tmp_path):
     assert len(datalist["training"]) == len(datalist["validation"]) == 1
     assert datalist["labels"] == channel_def()
     assert all((tmp_path / "d" / case["label"]).is_file() for case in datalist["training"])
+
+
+def test_training_data_caches_the_preprocessing_and_crops_from_the_cache(trained):
+    """CacheDataset keeps the preset's output (reading and resampling once); each epoch only draws crops."""
+    wf = workflow(["train", "smoke"], "train", bundle_root=str(trained))
+    wf.initialize()
+    for split in ("train", "validate"):
+        dataset = wf.parser.get_parsed_content(f"{split}#dataset")
+        cached = dataset._cache[0]
+        # the cache holds tensors on the preset's grid, not the file paths the datalist gives
+        assert isinstance(cached["image"], torch.Tensor) and cached["image"].ndim == 4, split
+    dataset = wf.parser.get_parsed_content("train#dataset")
+    crop = dataset[0][0]["image"]
+    assert tuple(crop.shape[1:]) == tuple(wf.parser.get_parsed_content("roi_size"))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_attention_switch_reaches_the_network(fused):
+    from medssl3d.networks.window_attention import FusedWindowAttention
+
+    for config in ("train", "inference"):
+        parser = ConfigParser()
+        parser.read_config(cfg(config))
+        parser.read_meta(str(META))
+        parser.update({"bundle_root": str(BUNDLE), "backbone_size": "tiny", "fused_attention": fused})
+        net = parser.get_parsed_content("network_def")
+        assert any(isinstance(m, FusedWindowAttention) for m in net.modules()) == fused, config
