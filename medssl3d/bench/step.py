@@ -34,6 +34,7 @@ from medssl3d.bench.reference import ReferenceRecipe, check_reference_roi
 from medssl3d.bench.suite import load_suite
 from medssl3d.bundle_support.smoke_data import write_smoke_datalist
 from medssl3d.data.presets import CT_PRESET
+from medssl3d.engine.loader import to_device
 from medssl3d.engine.trainer import Pretrainer
 from medssl3d.jobs.pretrain import PretrainRequest, pretrain_job
 from medssl3d.methods import METHODS
@@ -179,16 +180,6 @@ def _resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but CUDA is not available (use device=auto or cpu)")
     return torch.device(device)
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -405,7 +396,7 @@ def run(
             bundle = _bundle_workflow(name, size, roi, cfg, batch_size, datalist, work).parser
             method = bundle.get_parsed_content("method")
             samples = _draw_samples(bundle.get_parsed_content("train#dataset"), batch_size, cfg.seed)
-            batch = _to_device(default_collate(samples), device)
+            batch = to_device(default_collate(samples), device)
             if name == BASELINE:
                 baseline_batch = batch
             train_config = bundle.get_parsed_content("train#trainer#config")
@@ -418,7 +409,7 @@ def run(
             if baseline_batch is None:  # the baseline's views, without building its model
                 bundle = _bundle_workflow(BASELINE, size, roi, cfg, batch_size, datalist, work).parser
                 samples = _draw_samples(bundle.get_parsed_content("train#dataset"), batch_size, cfg.seed)
-                baseline_batch = _to_device(default_collate(samples), device)
+                baseline_batch = to_device(default_collate(samples), device)
             feature_size = BACKBONE_SIZES["swin"][size.swin].feature_size
             recipe = ReferenceRecipe(feature_size, roi, device=device, autocast_dtype=dtype)
             views = baseline_batch

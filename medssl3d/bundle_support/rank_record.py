@@ -6,15 +6,14 @@ that visible: they show that the ranks saw different cases and together covered 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from medssl3d.data.atomic_files import atomic_write_json
 from medssl3d.engine import distributed
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -73,12 +72,7 @@ class RankCaseRecorder:
         """Add the finished epoch's cases to the record and rewrite this rank's file."""
         self._epochs[str(engine.state.epoch)] = sorted(self._current)
         record = {"rank": distributed.rank(), "world_size": distributed.world_size(), "epochs": self._epochs}
-        path = self.path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(tmp, path)
+        atomic_write_json(self.path, record, durable=False)
         logger.debug("epoch %d: rank %d trained on %d cases", engine.state.epoch, record["rank"], len(self._current))
 
 

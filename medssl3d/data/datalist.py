@@ -25,10 +25,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from medssl3d.data.atomic_files import atomic_write_json
 from medssl3d.data.errors import DatalistError, InputError
 from medssl3d.data.readers import read_header
 from medssl3d.data.validation import check_same_grid
@@ -62,20 +62,7 @@ def write_datalist(datalist: Mapping, path: str | os.PathLike) -> Path:
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(datalist, indent=JSON_INDENT) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(Path(path).expanduser(), datalist)
 
 
 # ----------------------------------------------------------------------------------------------

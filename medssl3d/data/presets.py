@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import medssl3d
+from medssl3d.data.atomic_files import atomic_write_json
 from medssl3d.data.datalist import SERIES_UID_KEY
 from medssl3d.data.errors import InputError
 from medssl3d.data.n4 import N4_ITERATIONS, N4_SHRINK_FACTOR, N4BiasFieldCorrectiond
@@ -376,14 +376,6 @@ def _cache_info(cfg: PresetConfig, keys: Sequence[str]) -> dict:
     }
 
 
-def _write_json_atomic(obj: dict, path: Path) -> None:
-    # Several ranks may create the same cache folder at once: never let one read a half-written file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def _weights_only_safe(obj):
     """(Nested) meta data with numpy arrays as tensors, numpy scalars as numbers, string enums as str.
 
@@ -462,7 +454,8 @@ def cached_dataset(
     cache_dir = Path(cache_root).expanduser() / preset_hash(cfg, keys)
     cache_dir.mkdir(parents=True, exist_ok=True)
     if not (cache_dir / CACHE_INFO_FILE).exists():
-        _write_json_atomic(_cache_info(cfg, keys), cache_dir / CACHE_INFO_FILE)
+        # several ranks may create the same cache folder at once: never let one read a half-written file
+        atomic_write_json(cache_dir / CACHE_INFO_FILE, _cache_info(cfg, keys), durable=False, sort_keys=True)
     logger.info("preprocessing cache for %s preset: %s", cfg.modality, cache_dir)
     transform = Compose([*preset.transforms, *(extra_transforms or ())])
     return _PresetPersistentDataset(data, transform, cache_dir, n_cached=len(preset.transforms))

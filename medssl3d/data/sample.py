@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,6 +40,7 @@ from tqdm.auto import tqdm
 
 from medssl3d.data import sample_ct as sct
 from medssl3d.data import sample_sources as ss
+from medssl3d.data.atomic_files import atomic_write_bytes, atomic_write_json
 from medssl3d.data.errors import InputError
 from medssl3d.data.sample_datalists import build_datalists
 
@@ -55,7 +55,6 @@ PIP_RETRIES = 2
 PIP_TIMEOUT_S = 30
 DOWNLOAD_TIMEOUT_S = 900
 HASH_CHUNK = 1 << 20
-NEW_FILE_MODE = 0o666
 MB = 1e6
 #: pip messages that mean the index could not be reached (rather than a broken request).
 _NETWORK_PATTERNS = re.compile(
@@ -231,29 +230,6 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
     got = sha256_file(path)
     if got != expected:
         raise InputError(path, f"sha256 mismatch: expected {expected}, got {got}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    # os.open honours the umask (mkstemp would make the cache private to its creator)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_json(path: Path, obj) -> Path:
-    """Write ``obj`` as indented JSON atomically."""
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
 def read_manifest(path: Path) -> dict | None:

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medssl3d.data.atomic_files import atomic_open, atomic_torch_save, remove_stale_temporaries
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -28,20 +30,6 @@ CHECKPOINT_KEYS = (
 )
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename durable on POSIX; not every platform can open a directory.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
 
@@ -51,20 +39,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return atomic_torch_save(state, path, durable=True)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -163,16 +138,10 @@ class CheckpointManager:
     def save(self, state: dict[str, Any], step: int) -> Path:
         """Write ``state`` as the last checkpoint (and a kept copy when ``step`` is due)."""
         path = save_checkpoint(state, self.last)
-        # Temp files of a writer killed mid-save (SIGKILL skips its clean-up); one writer per folder.
-        for stale in self.folder.glob(f".{LAST_NAME}.tmp-*"):
-            stale.unlink(missing_ok=True)
+        # temporaries of a writer killed mid-save (SIGKILL skips its clean-up); one writer per folder
+        remove_stale_temporaries(path)
         if self.keep_every and step % self.keep_every == 0:
-            kept = self.folder / STEP_NAME.format(step=step)
-            tmp = kept.with_name(f".{kept.name}.tmp-{os.getpid()}")
-            try:
-                shutil.copyfile(path, tmp)
-                os.replace(tmp, kept)
-            finally:
-                tmp.unlink(missing_ok=True)
+            with open(path, "rb") as src, atomic_open(self.folder / STEP_NAME.format(step=step)) as dst:
+                shutil.copyfileobj(src, dst)
         logger.info("checkpoint at step %d: %s", step, path)
         return path

@@ -23,10 +23,11 @@ from typing import Any
 from torch import Tensor
 
 import medssl3d
+from medssl3d.data.atomic_files import atomic_torch_save
 from medssl3d.data.presets import PresetConfig
 from medssl3d.engine.distributed import is_main_process
 from medssl3d.networks.backbones import BACKBONE_SIZES
-from medssl3d.transfer.export import ENCODER_INFO_KEY, STATE_DICT_KEY, atomic_torch_save, load_weights_file
+from medssl3d.transfer.export import ENCODER_INFO_KEY, STATE_DICT_KEY, load_weights_file
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from medssl3d.data.atomic_files import atomic_torch_save
 from medssl3d.networks.backbones import EXPORT_TARGETS, NET_PREFIX, to_target_keys
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ __all__ = [
     "STUDENT_BACKBONE_PREFIX",
     "ImportedWeights",
     "LoadReport",
-    "atomic_torch_save",
     "export_weights",
     "import_weights",
     "is_monai_ssl_layout",
@@ -367,27 +366,8 @@ def load_pretrained_into(
     return net
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` through a temporary file in the same folder and ``os.replace``; parents are created.
-
-    Returns:
-        The destination path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_weights(state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
-    """Save a plain state dict atomically (see :func:`atomic_torch_save`).
+    """Save a plain state dict atomically (:func:`~medssl3d.data.atomic_files.atomic_torch_save`).
 
     Args:
         state: tensors to save (e.g. from :func:`export_weights`).

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import pickle
-import tempfile
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
+
+from medssl3d.data.atomic_files import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -89,17 +90,6 @@ class DiskCachedd(MapTransform):
             logger.warning("cannot read cache entry %s (%s); recomputing it", path, err)
             return None
 
-    def _save(self, path: Path, outputs: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(outputs, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         """The transform's outputs under ``keys``, from the cache when the case is there."""
         d = dict(data)
@@ -108,6 +98,6 @@ class DiskCachedd(MapTransform):
         if outputs is None:
             result = self.transform({key: d[key] for key in self.keys})
             outputs = {key: result[key] for key in self.keys}
-            self._save(path, outputs)
+            atomic_torch_save(outputs, path)
         d.update(outputs)
         return d

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from medssl3d.data.atomic_files import atomic_open
 from medssl3d.transforms.correspondence import (
     DEFAULT_CROP,
     DEFAULT_FOREGROUND_THRESHOLD,
@@ -229,18 +229,11 @@ def register_to_template(
 
 
 def _save_atomic(path: Path, t: CaseTransform) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     arrays = {"matrix": t.matrix, "field_spacing": np.float64(t.field_spacing)}
     if t.field is not None:
         arrays["field"] = t.field
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
 
 
 def _load(path: Path) -> CaseTransform | None:

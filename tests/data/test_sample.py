@@ -343,22 +343,6 @@ def test_integer_scaling_is_exact_and_picks_the_smallest_type():
 
 
 # ----------------------------------------------------------------------------------- cache files
-def test_atomic_write_keeps_old_content_when_replace_fails(tmp_path, monkeypatch):
-    path = tmp_path / "manifest.json"
-    sample.atomic_write_json(path, {"schema": sample.MANIFEST_SCHEMA, "outputs": {}})
-    assert sample.read_manifest(path) == {"schema": sample.MANIFEST_SCHEMA, "outputs": {}}
-
-    def boom(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
-        sample.atomic_write_json(path, {"schema": sample.MANIFEST_SCHEMA, "outputs": {"x": "y"}})
-    monkeypatch.undo()
-    assert sample.read_manifest(path)["outputs"] == {}
-    assert sorted(os.listdir(tmp_path)) == ["manifest.json"]  # no temporary file left behind
-
-
 def test_read_manifest_ignores_missing_corrupt_and_foreign(tmp_path):
     path = tmp_path / "manifest.json"
     assert sample.read_manifest(path) is None
