@@ -31,6 +31,7 @@ import nibabel as nib
 import numpy as np
 
 from medssl3d.bundle_support.smoke_data import write_smoke_datalist
+from medssl3d.data.atomic_files import atomic_write_json
 from medssl3d.data.presets import MRI_LOWER_PERCENTILE, MRI_UPPER_PERCENTILE, PresetConfig, preset_for
 from medssl3d.data.sample import fetch_sample_data
 
@@ -297,7 +298,4 @@ def pretraining_preset(spacing_mm: float | None, modality: str = "mri") -> Prese
 
 def write_datalist(path: str | os.PathLike, splits: dict[str, Sequence[dict]], **fields) -> Path:
     """Write a Decathlon-style datalist ``{**fields, split: entries}`` and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**fields, **{k: list(v) for k, v in splits.items()}}, indent=2))
-    return path
+    return atomic_write_json(path, {**fields, **{k: list(v) for k, v in splits.items()}})

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import, string_list_all_gather
+
+from medssl3d.data.atomic_files import atomic_write_json
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
@@ -100,7 +101,7 @@ class DicePerClassWriter:
             ],
         }
         self.save_dir.mkdir(parents=True, exist_ok=True)
-        (self.save_dir / f"{self.filename}.json").write_text(json.dumps(report, indent=2))
+        atomic_write_json(self.save_dir / f"{self.filename}.json", report, durable=False)
         with open(self.save_dir / f"{self.filename}.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["image", *self.class_names])
             writer.writeheader()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import medssl3d
+from medssl3d.data.atomic_files import atomic_write_json
 from medssl3d.data.errors import InputError
 from medssl3d.jobs.bundles import BundleJob, bundle_dir, parse_overrides, progress_handlers, read_configs
 from medssl3d.jobs.inputs import datalist_for
@@ -125,8 +126,7 @@ def write_run_record(run_dir: Path, record: Mapping[str, Any]) -> Path:
             raise ValueError(f"{path}: this run was fine-tuned with {first}={earlier.get(first)!r}, now "
                              f"{record['settings'].get(first)!r} ({', '.join(changed)} differ); use another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return path
+    return atomic_write_json(path, record)
 
 
 def read_run_record(run_dir: str | os.PathLike) -> dict[str, Any]:
