@@ -10,6 +10,9 @@ row holds the step's FLOPs, the achieved rate and its fraction of a dense-matmul
 this process, the peak memory, and three ratios measured in the same run: against the baseline
 (``swin_ssl``), against a bare forward+backward of the method's own backbone on the same inputs
 (the method's overhead), and against the unoptimised reference recipe (:mod:`medssl3d.bench.reference`).
+With ``finetune``, two more rows time the segmentation bundle's fine-tuning step (its SwinUNETR at the
+size, DiceCE loss and AdamW) with the fused window attention and with MONAI's, on the same weights and
+crop; the first holds the ratio of the two (``÷ MONAI``).
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.bundle import ConfigParser
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
 from medssl3d.bench import record
+from medssl3d.bench.finetune import SEGMENTATION_BUNDLE
 from medssl3d.bench.measure import PeakMemory, count_flops, matmul_peak_gflops, release_memory, time_call
 from medssl3d.bench.reference import ReferenceRecipe, check_reference_roi
 from medssl3d.bench.suite import load_suite
@@ -47,6 +52,11 @@ __all__ = ["BASELINE", "REFERENCE", "SIZES", "BenchSize", "StepSuite", "run"]
 KIND = "step"
 BASELINE = "swin_ssl"
 REFERENCE = "reference"
+FINETUNE = "finetune"
+FINETUNE_MONAI = "finetune (MONAI attention)"
+#: Classes of the fine-tuning step (background and one structure): the network's head is a 1x1x1 convolution,
+#: so the step costs about the same for any number of classes.
+FINETUNE_LABELS = {"0": "background", "1": "structure"}
 METHOD_ORDER = ("swin_ssl", "alice", "afire", "dira", "ace")
 PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 DEVICES = ("auto", "cpu", "cuda")
@@ -68,6 +78,7 @@ COLUMNS = (
     ("vs_baseline", "÷ baseline", ".2f"),
     ("overhead", "÷ bare fwd+bwd", ".2f"),
     ("vs_reference", "÷ reference", ".2f"),
+    ("vs_monai", "÷ MONAI", ".2f"),
 )
 COMPILE_COLUMN = ("compile_s", "compile (s)", ".1f")
 
@@ -118,6 +129,7 @@ class StepSuite:
         correspondence: ALICE's pairing of views (any provider times the same; registration only costs set-up).
         fused_attention: the Swin methods' fused window attention (the bundles' ``fused_attention``); false
             runs MONAI's. The reference recipe is MONAI's either way.
+        finetune: also time the segmentation bundle's fine-tuning step, fused and with MONAI's attention.
         seed: seed of the phantoms and of the view generation.
         compile_backend: ``torch.compile`` each method's student backbone with this backend (the engine's
             ``compile_backend``; None: plain PyTorch). The first step's time and the compilation it paid
@@ -137,6 +149,7 @@ class StepSuite:
     flops: bool = True
     correspondence: str = "body_box"
     fused_attention: bool = True
+    finetune: bool = True
     seed: int = 0
     compile_backend: str | None = None
 
@@ -149,8 +162,8 @@ class StepSuite:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
-        if not self.methods and not self.reference:
-            raise ValueError("nothing to measure: no methods and reference=false")
+        if not self.methods and not self.reference and not self.finetune:
+            raise ValueError("nothing to measure: no methods, reference=false and finetune=false")
         if self.roi is not None and (len(self.roi) != 3 or min(self.roi) < 1):
             raise ValueError(f"roi must be 3 positive sides, got {self.roi}")
         if self.batch_size is not None and self.batch_size < 1:
@@ -276,6 +289,39 @@ def _engine_step(
     return step
 
 
+def _finetune_subject(
+    size: BenchSize, roi: tuple[int, int, int], batch_size: int, fused: bool, suite: StepSuite, device: torch.device,
+    work: Path,
+) -> _Measured:
+    """The segmentation bundle's fine-tuning step on a seeded synthetic crop: its network, loss and optimizer.
+
+    The bundle's ``train.json`` builds them with the size's ``backbone_size``, the crop and ``fused_attention``;
+    the weights depend only on the seed, so the fused and the MONAI rows start from the same network.
+    """
+    parser = ConfigParser()
+    parser.read_config(str(SEGMENTATION_BUNDLE / "configs" / "train.json"))
+    parser.update({"bundle_root": str(work), "label_names": FINETUNE_LABELS, "backbone_size": size.swin,
+                   "roi_size": list(roi), "fused_attention": fused, "device": device})
+    torch.manual_seed(suite.seed)
+    network = parser.get_parsed_content("network")
+    loss_fn = parser.get_parsed_content("loss")
+    optimizer = parser.get_parsed_content("optimizer")
+    generator = torch.Generator().manual_seed(suite.seed)
+    image = torch.randn(batch_size, 1, *roi, generator=generator).to(device)
+    label = (image > 0).long()
+    dtype = PRECISION_DTYPES[suite.precision]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, dtype):
+            loss = loss_fn(network(image), label)
+        loss.backward()
+        optimizer.step()
+
+    name = FINETUNE if fused else FINETUNE_MONAI
+    return _Measured(name, f"SwinUNETR {size.swin}", _n_params(network), step, network.swinViT)
+
+
 def _bottleneck(out: Any) -> Tensor:
     """The deepest output of a backbone call: BackboneOutput tokens, the last of a list, or the tensor."""
     if isinstance(out, BackboneOutput):
@@ -348,10 +394,14 @@ def _measure(subject: _Measured, suite: StepSuite, device: torch.device, peak_gf
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
     by_name = {r["name"]: r["step_s"] for r in rows}
     for row in rows:
+        if row["name"] in (FINETUNE, FINETUNE_MONAI):
+            continue  # another step: not comparable with the pretraining ones
         if BASELINE in by_name:
             row["vs_baseline"] = row["step_s"] / by_name[BASELINE]
         if REFERENCE in by_name:
             row["vs_reference"] = row["step_s"] / by_name[REFERENCE]
+    if FINETUNE in by_name and FINETUNE_MONAI in by_name:
+        next(r for r in rows if r["name"] == FINETUNE)["vs_monai"] = by_name[FINETUNE] / by_name[FINETUNE_MONAI]
 
 
 # ----------------------------------------------------------------------------------- run
@@ -418,6 +468,14 @@ def run(
                 lambda: recipe.step(views), recipe.model.swinViT,
             )
             rows.append(_measure(subject, cfg, device, peak))
+            del recipe, views, subject
+            release_memory(device)
+        if cfg.finetune:
+            for fused in (True, False):
+                subject = _finetune_subject(size, roi, batch_size, fused, cfg, device, work / "finetune")
+                rows.append(_measure(subject, cfg, device, peak))
+                del subject
+                release_memory(device)
     _add_ratios(rows)
     config = {
         **dataclasses.asdict(cfg),

@@ -119,7 +119,7 @@ def test_suites_load():
 
 def test_run_writes_a_finite_record(tmp_path):
     out = tmp_path / "step.json"
-    path, table = run("smoke", out, ["roi=[64,32,32]", "methods=[swin_ssl]", "warmup=0", "repeats=1"])
+    path, table = run("smoke", out, ["roi=[64,32,32]", "methods=[swin_ssl]", "warmup=0", "repeats=1", "finetune=false"])
     assert path == out
     record = json.loads(out.read_text())
     assert record["kind"] == "step" and record["config"]["roi"] == list(ROI)
@@ -137,7 +137,7 @@ def test_run_writes_a_finite_record(tmp_path):
 def test_compiled_run_reports_its_compilation(tmp_path):
     out = tmp_path / "step.json"
     _, table = run("smoke", out, ["roi=[64,32,32]", "methods=[swin_ssl]", "warmup=0", "repeats=1", "bare=false",
-                                  "compile_backend=eager"])
+                                  "compile_backend=eager", "finetune=false"])
     method, reference = json.loads(out.read_text())["results"]
     assert method["first_step_s"] > 0 and method["compile_s"] == method["first_step_s"] - method["step_s"]
     assert "gflop_per_step" not in method  # not counted on a compiled step
@@ -167,3 +167,24 @@ def test_afire_views_are_its_bundles_with_the_alignment_cache(phantoms, tmp_path
     (sample,) = step._draw_samples(bundle.parser.get_parsed_content("train#dataset"), 1, seed=0)
     assert sample["image"].shape == sample["image_lesioned"].shape == (1, 32, 32, 32)
     assert len(list((work / "cache" / "alignment").glob("*.pt"))) == 1  # the bundle's on-disk alignment cache
+
+
+def test_finetune_rows_time_the_segmentation_step_fused_and_monai(tmp_path):
+    out = tmp_path / "step.json"
+    _, table = run("smoke", out, ["roi=[64,32,32]", "methods=[]", "reference=false", "warmup=0", "repeats=1",
+                                  "bare=false"])
+    fused, monai = json.loads(out.read_text())["results"]
+    assert (fused["name"], monai["name"]) == (step.FINETUNE, step.FINETUNE_MONAI)
+    assert fused["params_m"] == monai["params_m"] and fused["gflop_per_step"] > 0
+    assert fused["vs_monai"] == fused["step_s"] / monai["step_s"] and "vs_monai" not in monai
+    assert "vs_baseline" not in fused and "÷ MONAI" in table
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_finetune_subject_is_the_bundles_network_with_the_attention_asked_for(fused, tmp_path):
+    suite = load_suite(StepSuite, "step", "smoke")
+    subject = step._finetune_subject(step.SIZES["tiny"], ROI, 1, fused, suite, torch.device("cpu"), tmp_path)
+    kinds = {type(m) for m in subject.bare_module.modules() if isinstance(m, WindowAttention)}
+    assert kinds == {FusedWindowAttention if fused else WindowAttention}
+    assert subject.bare_module.patch_embed.proj.weight.shape[0] == 12  # tiny: feature_size 12
+    subject.step()

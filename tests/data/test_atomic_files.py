@@ -5,7 +5,10 @@ import torch
 
 from medssl3d.data import atomic_files
 from medssl3d.data.atomic_files import (
-    atomic_open, atomic_torch_save, atomic_write_json, remove_stale_temporaries,
+    atomic_open,
+    atomic_torch_save,
+    atomic_write_json,
+    remove_stale_temporaries,
 )
 
 
