@@ -280,6 +280,8 @@ class FusedWindowAttention(WindowAttention):
         Returns:
             ``(B, n, C)``.
         """
+        if torch.jit.is_tracing():  # TorchScript cannot record the fused kernels' autograd functions
+            return super().forward(x, mask if mask is None or isinstance(mask, Tensor) else _dense(mask))
         if isinstance(mask, Tensor):
             mask = WindowGroups.from_dense(mask)
         if self.training and self.attn_drop.p > 0:
@@ -392,6 +394,8 @@ class FusedBasicLayer(BasicLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         """Run the stage on ``x`` ``(B, C, *spatial)``; returns ``(B, C', *spatial')`` as MONAI's does."""
+        if torch.jit.is_tracing():  # MONAI's stage (dense mask): a traced network must not hold the fused kernels
+            return super().forward(x)
         b, _, *spatial = x.shape
         # a plain tensor inside the stage: a batched MONAI MetaTensor (what the bundles' loaders hand over) cannot
         # be sliced by window groups, and its metadata bookkeeping on every op is pure overhead here
@@ -463,7 +467,7 @@ class FusedSwinTransformer(SwinTransformer):
 
     def forward(self, x: Tensor, normalize: bool = True) -> list[Tensor]:
         """The patch embedding and the four stage outputs of ``x`` ``(B, C_in, *spatial)``, as MONAI's."""
-        if self.use_v2:
+        if self.use_v2 or torch.jit.is_tracing():
             return super().forward(x, normalize)
         x = self.pos_drop(self.patch_embed(x))
         hidden = [self.proj_out(x, normalize)]
@@ -480,7 +484,9 @@ def fuse_window_attention(module: nn.Module) -> int:
     :class:`FusedBasicLayer`, a ``SwinTransformer`` child whose stages all did a
     :class:`FusedSwinTransformer` (``module`` itself keeps its class), its blocks
     :class:`FusedSwinTransformerBlock` and their attention :class:`FusedWindowAttention`.
-    Parameters are kept (the same tensors), so state-dict keys and values do not change.
+    Parameters are kept (the same tensors), so state-dict keys and values do not change. While traced
+    (``torch.jit.trace``, MONAI's ``ckpt_export --use_trace``) the modules run MONAI's code, which TorchScript
+    can record, so an exported network needs neither the fused kernels nor medssl3d.
 
     Args:
         module: e.g. a MONAI ``SwinUNETR``.
