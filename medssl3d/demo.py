@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medssl3d.bench.transfer import ci95_half_width
 from medssl3d.bundle_support.settings import bake_settings
 from medssl3d.bundle_support.workflow import run_workflow
 from medssl3d.data.presets import cached_dataset, preset_for
@@ -72,7 +74,7 @@ class DemoConfig:
     finetune_samples: int = 2
     finetune_lr: float = 1e-3
     val_interval: int = 5
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2)
     pretrain_seed: int = 0
     warmup_epochs: float = 0.0
     encoder_lr_scale: float = 0.3
@@ -252,7 +254,9 @@ def _prediction(run: Path) -> Path:
 
 
 def dice_table(dice: dict[tuple[str, int], dict], seeds: tuple[int, ...]) -> str:
-    """Markdown: test Dice per seed and arm, the paired difference, its mean, and a plain verdict.
+    """Markdown: test Dice per seed and arm, the paired difference, its mean, a plain verdict and its interval.
+
+    The interval is the 95 % t-interval of the mean over seeds of (pretrained − scratch) mean Dice.
 
     Args:
         dice: ``{(arm, seed): Dice report}`` for both :data:`ARMS` and every seed.
@@ -277,7 +281,14 @@ def dice_table(dice: dict[tuple[str, int], dict], seeds: tuple[int, ...]) -> str
     else:
         verdict = (f"Pretraining did not help at this size: {mean:+.3f} Dice against scratch on the held-out head. "
                    "The demo's budget is minutes of CPU; see the README, 'Does pretraining help?'.")
-    return "\n".join(lines) + f"\n\n{verdict} (paired over seeds {list(seeds)})"
+    interval = ""
+    if len(seeds) > 1:
+        per_seed = [dice[(ARMS[1], s)]["mean"] - dice[(ARMS[0], s)]["mean"] for s in seeds]
+        centre, half = statistics.fmean(per_seed), ci95_half_width(statistics.stdev(per_seed), len(per_seed))
+        low, high = centre - half, centre + half
+        interval = (f" 95 % interval of the paired mean: {low:+.3f} … {high:+.3f}"
+                    f" ({'excludes' if low > 0 or high < 0 else 'includes'} 0).")
+    return "\n".join(lines) + f"\n\n{verdict} (paired over seeds {list(seeds)}){interval}"
 
 
 def _figure(test_case: dict, predictions: dict[str, Path], dice: dict[str, dict], path: Path) -> Path:
