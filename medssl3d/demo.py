@@ -67,7 +67,7 @@ class DemoConfig:
     spacing_mm: float = 3.0
     roi: int = 64
     backbone_size: str = "tiny"
-    pretrain_steps: int = 120
+    pretrain_steps: int = 200
     pretrain_batch: int = 2
     pretrain_lr: float = 5e-4
     finetune_epochs: int = 10
