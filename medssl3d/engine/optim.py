@@ -46,17 +46,27 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
+#: Devices with a fused AdamW kernel in PyTorch.
+FUSED_DEVICES = ("cpu", "cuda")
+
+
 def build_adamw(
     groups: list[dict], lr: float, *, betas: tuple[float, float] = DEFAULT_BETAS, eps: float = DEFAULT_EPS
 ) -> torch.optim.AdamW:
-    """AdamW over ``groups`` (from :func:`param_groups`).
+    """AdamW over ``groups`` (from :func:`param_groups`), fused where every parameter allows it.
+
+    PyTorch's fused AdamW (one kernel over all parameters, CPU and CUDA) computes the same update as its default
+    per-parameter loop; on a CPU the loop's many small elementwise kernels weighed on short steps (AFiRe, tiny:
+    0.186 / 0.203 s against 0.216 / 0.228 s a step, alternating pairs in one process on a quiet machine).
 
     Raises:
         ValueError: if there is nothing to optimise.
     """
     if not any(g["params"] for g in groups):
         raise ValueError("no trainable parameters: every parameter has requires_grad=False or is excluded")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

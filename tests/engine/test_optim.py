@@ -47,3 +47,20 @@ def test_nothing_to_optimise_raises():
     net = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable"):
         build_adamw(param_groups(net, 0.1), lr=1e-3)
+
+
+def test_adamw_is_fused_and_steps_as_the_per_parameter_loop():
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Conv3d(1, 2, 3), nn.GroupNorm(1, 2)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    fused = build_adamw(param_groups(nets[0], 0.04), lr=1e-2)
+    loop = torch.optim.AdamW(param_groups(nets[1], 0.04), lr=1e-2)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    x = torch.randn(2, 1, 4, 4, 4)
+    for _ in range(3):
+        for net, opt in zip(nets, (fused, loop), strict=True):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
