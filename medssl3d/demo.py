@@ -273,8 +273,16 @@ def dice_table(dice: dict[tuple[str, int], dict], seeds: tuple[int, ...]) -> str
     mean = sum(diffs) / len(diffs)
     means = [sum(dice[(arm, s)]["mean"] for s in seeds) / len(seeds) for arm in ARMS]
     lines.append(f"| mean | all | {means[0]:.3f} | {means[1]:.3f} | {mean:+.3f} |")
-    if mean > 0 and min(diffs) >= 0:
+    low = high = None
+    if len(seeds) > 1:
+        per_seed = [dice[(ARMS[1], s)]["mean"] - dice[(ARMS[0], s)]["mean"] for s in seeds]
+        centre, half = statistics.fmean(per_seed), ci95_half_width(statistics.stdev(per_seed), len(per_seed))
+        low, high = centre - half, centre + half
+    if mean > 0 and min(diffs) >= 0 and (low is None or low > 0):
         verdict = f"Pretraining helped: {mean:+.3f} Dice on the held-out head, in every seed."
+    elif mean > 0 and min(diffs) >= 0:
+        verdict = (f"Pretraining was at least as good as scratch in every seed ({mean:+.3f} Dice on average), but "
+                   "the interval includes 0: too few seeds to call it a gain.")
     elif mean > 0:
         verdict = (f"Pretraining helped on average ({mean:+.3f} Dice) but not in every seed: "
                    "the difference is noise-sized.")
@@ -282,10 +290,7 @@ def dice_table(dice: dict[tuple[str, int], dict], seeds: tuple[int, ...]) -> str
         verdict = (f"Pretraining did not help at this size: {mean:+.3f} Dice against scratch on the held-out head. "
                    "The demo's budget is minutes of CPU; see the README, 'Does pretraining help?'.")
     interval = ""
-    if len(seeds) > 1:
-        per_seed = [dice[(ARMS[1], s)]["mean"] - dice[(ARMS[0], s)]["mean"] for s in seeds]
-        centre, half = statistics.fmean(per_seed), ci95_half_width(statistics.stdev(per_seed), len(per_seed))
-        low, high = centre - half, centre + half
+    if low is not None:
         interval = (f" 95 % interval of the paired mean: {low:+.3f} … {high:+.3f}"
                     f" ({'excludes' if low > 0 or high < 0 else 'includes'} 0).")
     return "\n".join(lines) + f"\n\n{verdict} (paired over seeds {list(seeds)}){interval}"
