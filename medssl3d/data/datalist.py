@@ -43,7 +43,6 @@ LABEL_KEY = "label"
 SERIES_UID_KEY = "series_uid"
 SUBJECT_KEY = "subject"
 DEFAULT_DATALIST_NAME = "dataset.json"
-JSON_INDENT = 2
 #: Checking a large datalist takes a while (one header per file): log progress this often.
 VALIDATE_LOG_EVERY = 500
 SPATIAL_DIMS = 3
