@@ -18,6 +18,7 @@ from typing import Any
 
 from medssl3d.data.presets import PresetConfig
 from medssl3d.jobs.bundles import resource_dir
+from medssl3d.transfer.export import STATE_DICT_KEY, load_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ class PretrainResult:
         method: the method (bundle) name.
         encoder: the exported encoder weights (``export_path`` of the bundle).
         export_target: ``"swinunetr"`` or ``"unetr"``: the MONAI network the weights load into.
-        steps: optimizer steps taken.
-        final_loss: the loss of the last step.
+        steps: optimizer steps taken (0: the encoder as built, before any step).
+        final_loss: the loss of the last step (``None`` without a step).
         time_s: wall time of the training loop.
     """
 
@@ -45,7 +46,7 @@ class PretrainResult:
     encoder: Path
     export_target: str
     steps: int
-    final_loss: float
+    final_loss: float | None
     time_s: float
 
 
@@ -102,7 +103,7 @@ def pretraining_overrides(
         "roi_size": [int(roi)] * 3,
         "train#trainer#config#batch_size": int(batch_size),
         "train#trainer#config#num_workers": 0,
-        "train#trainer#config#seed": int(seed),
+        "seed": int(seed),
         "train#trainer#config#tensorboard": False,
         # a benchmark run starts afresh; its folder is new, so this only guards against reuse
         "train#trainer#config#resume": None,
@@ -128,6 +129,54 @@ def pretraining_workflow(method: str, overrides: Mapping[str, Any]):
     )
     workflow.initialize()
     return workflow
+
+
+def export_target(method: str, overrides: Mapping[str, Any]) -> str:
+    """The MONAI network ``bundles/<method>`` exports its encoder for under ``overrides`` (nothing is built)."""
+    return str(pretraining_workflow(method, overrides).parser.get_parsed_content("export_target"))
+
+
+def initial_encoder(method: str, overrides: Mapping[str, Any]) -> PretrainResult:
+    """Export the encoder of ``bundles/<method>`` as built, before any optimizer step.
+
+    The bundle seeds the network before building it (its ``seed`` id), so this is the start from which every run
+    of the method with the same seed trains; the bundles of one backbone family build the same encoder from one
+    seed, so it is their shared start too. Fine-tuned with the pretrained arms' recipe, it is the control that
+    separates what pretraining learned from the start it had.
+
+    Args:
+        method: bundle name.
+        overrides: from :func:`pretraining_overrides` (its ``run_dir`` receives the export).
+
+    Returns:
+        The export, with ``steps`` 0 and no loss.
+    """
+    workflow = pretraining_workflow(method, overrides)
+    encoder = Path(workflow.parser.get_parsed_content("export"))
+    result = PretrainResult(method=method, encoder=encoder,
+                            export_target=str(workflow.parser.get_parsed_content("export_target")),
+                            steps=0, final_loss=None, time_s=0.0)
+    workflow.finalize()
+    return result
+
+
+def weight_change(encoder: str | os.PathLike, start: str | os.PathLike) -> float:
+    """How far an encoder moved from its start: ``‖w − w₀‖ / ‖w₀‖`` over the weight matrices and kernels.
+
+    Only tensors of two or more axes that both files hold under the same name and shape count (norm scales and
+    biases start at constants and would dominate neither way).
+
+    Raises:
+        ValueError: a missing file, or no such tensor in common.
+    """
+    moved, size = load_weights_file(encoder), load_weights_file(start)
+    moved, size = moved.get(STATE_DICT_KEY, moved), size.get(STATE_DICT_KEY, size)
+    pairs = [(moved[k].double(), w0.double()) for k, w0 in size.items()
+             if w0.dim() >= 2 and k in moved and moved[k].shape == w0.shape]
+    if not pairs:
+        raise ValueError(f"{str(encoder)!r} and {str(start)!r} share no weight matrix")
+    change = sum(float((a - b).pow(2).sum()) for a, b in pairs)
+    return (change / sum(float(b.pow(2).sum()) for _, b in pairs)) ** 0.5
 
 
 def failure_text(error: BaseException) -> str:

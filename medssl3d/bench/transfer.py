@@ -10,11 +10,16 @@ For each task (:mod:`medssl3d.bench.tasks`):
    same seed and the same number of iterations (``finetune_steps``: epochs = ceil(steps / k)). The network
    follows the encoder (SwinUNETR, or UNETR for a ViT), and each network has its own scratch arm
    (``scratch``, ``scratch_unetr``), so that a method is always compared with the same network untrained;
+   with ``initial_encoders``, each family also has a control arm (``init``, ``init_unetr``): the encoder its
+   bundles build from the pretraining seed, exported before any step and fine-tuned with the pretrained arms'
+   recipe. Every method of a family starts from that encoder, so a method's difference to it is what its
+   pretraining learned, apart from the different start and the lower encoder learning rate;
 3. each model is tested on the held-out data: Dice per class, from the bundle's own report.
 
 The record holds one row per pretraining run, one per fine-tuning run (task, method, k, seed, Dice per class
 and their mean), an ``error`` row for any run that failed (the others go on), and one row per (task, method,
-k) over seeds: mean, sd and the paired difference against its scratch arm with the same seed. A PNG with the
+k) over seeds: mean, sd and the paired difference against its scratch arm with the same seed (and against its
+control arm). A PNG with the
 record's stem plots Dice and that difference against k.
 """
 
@@ -34,7 +39,15 @@ from typing import Any
 
 from medssl3d.bench.figure import plot_budget_curve, plot_transfer
 from medssl3d.bench.finetune import FinetuneRecipe, finetune_and_test
-from medssl3d.bench.pretrain import PretrainResult, failure_text, pretrain, pretraining_overrides
+from medssl3d.bench.pretrain import (
+    PretrainResult,
+    export_target,
+    failure_text,
+    initial_encoder,
+    pretrain,
+    pretraining_overrides,
+    weight_change,
+)
 from medssl3d.bench.record import default_output, format_table, write_record
 from medssl3d.bench.suite import load_suite
 from medssl3d.bench.tasks import (
@@ -56,6 +69,9 @@ BASELINE = "swin_ssl"
 SCRATCH_TARGET = "swinunetr"
 #: The from-scratch arm of each network family: a method is compared with the scratch run of its own network.
 SCRATCH_ARMS = {"swinunetr": SCRATCH, "unetr": f"{SCRATCH}_unetr"}
+INIT = "init"
+#: The control arm of each network family: the encoder its bundles start from, fine-tuned like a pretrained one.
+INIT_ARMS = {"swinunetr": INIT, "unetr": f"{INIT}_unetr"}
 RUNS_SUFFIX = "-runs"
 CURVE_SUFFIX = "-steps"
 CACHE_DIR_NAME = "cache"
@@ -101,6 +117,8 @@ class TransferBenchConfig:
         keep_models: keep every fine-tuned ``models/model.pt`` (off: deleted once tested; a ``full`` suite makes
             a few hundred base-size models, hundreds of MB each).
         cache_dir: pretraining preprocessing cache; empty: ``cache/`` beside the record.
+        initial_encoders: also fine-tune each network family's control arm (:data:`INIT_ARMS`) from the encoder
+            of its first method at step 0.
         bundle_overrides: per-method bundle settings for this size (e.g. ``{"ace": {"grid_n": 4}}``).
     """
 
@@ -126,6 +144,7 @@ class TransferBenchConfig:
     crop_mm: float = 64.0
     keep_models: bool = False
     cache_dir: str = ""
+    initial_encoders: bool = False
     bundle_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -138,8 +157,9 @@ class TransferBenchConfig:
                 raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
         if any(not 0 < f < 1 for f in self.curve_fractions):
             raise ValueError(f"curve_fractions must lie in (0, 1), got {list(self.curve_fractions)}")
-        if set(self.methods) & set(SCRATCH_ARMS.values()):
-            raise ValueError(f"{sorted(SCRATCH_ARMS.values())} are always run; do not list them in methods")
+        arms = {*SCRATCH_ARMS.values(), *INIT_ARMS.values()}
+        if set(self.methods) & arms:
+            raise ValueError(f"{sorted(arms)} are arms of the benchmark, not methods; do not list them in methods")
 
     def spacing(self, task: str) -> float:
         """The preset spacing of ``task`` (its own, else the suite's)."""
@@ -191,14 +211,16 @@ def aggregate(runs: Sequence[Mapping[str, Any]], reference: str = SCRATCH) -> li
     Args:
         runs: run rows with ``task``, ``method``, ``k``, ``seed``, ``unit``, ``dice`` (mean over classes),
             ``dice_<class>`` values (non-numbers, e.g. a class absent from the test data, are left out) and
-            optionally ``reference``: the arm this method is compared with (default ``reference``).
+            optionally ``reference``: the arm this method is compared with (default ``reference``), and
+            ``control``: a second arm it is compared with.
         reference: the arm differences are taken against, seed by seed, where a row names none.
 
     Returns:
         Rows with ``task, method, k, [steps,] unit, n_seeds, dice, dice_sd`` (sd only for two seeds or more),
         ``dice_<class>`` / ``dice_<class>_sd``, and for methods other than their reference ``reference, diff,
         diff_sd, n_pairs`` (the mean Dice minus the reference's, per seed present in both), plus ``dice_text``
-        / ``diff_text`` strings.
+        / ``diff_text`` strings; with a ``control`` arm the same against it, prefixed ``control_`` (``control``,
+        ``control_diff``, ...).
     """
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for row in runs:
@@ -222,25 +244,45 @@ def aggregate(runs: Sequence[Mapping[str, Any]], reference: str = SCRATCH) -> li
                 if sd is not None:
                     out[f"{key}_sd"] = sd
         arm = rows[0].get("reference", reference)
-        ref = {r["seed"]: r["dice"] for r in groups.get((task, arm, k, steps), [])}
-        pairs = [r["dice"] - ref[r["seed"]] for r in rows if r["seed"] in ref]
-        if method != arm and pairs:
-            diff, diff_sd = _mean_sd(pairs)
-            out.update(reference=arm, diff=diff, n_pairs=len(pairs), diff_text=_text(diff, diff_sd, sign=True))
-            if diff_sd is not None:
-                out["diff_sd"] = diff_sd
-                out["diff_ci95"] = ci95_half_width(diff_sd, len(pairs))
-                out["diff_text"] += f" (95 % CI {diff - out['diff_ci95']:+.{DICE_DIGITS}f} … " \
-                    f"{diff + out['diff_ci95']:+.{DICE_DIGITS}f})"
+        if method != arm:
+            out.update(_paired_difference(rows, groups.get((task, arm, k, steps), []), reference=arm))
+        control = rows[0].get("control")
+        if control is not None and method != control:
+            paired = _paired_difference(rows, groups.get((task, control, k, steps), []), reference=control)
+            out.update({f"control_{key}" if key != "reference" else "control": value
+                        for key, value in paired.items()})
         summary.append(out)
     return summary
+
+
+def _paired_difference(rows: Sequence[Mapping[str, Any]], reference_rows: Sequence[Mapping[str, Any]], *,
+                       reference: str) -> dict[str, Any]:
+    """The mean Dice of ``rows`` minus the reference's, seed by seed over the seeds present in both.
+
+    Returns:
+        ``reference, diff, n_pairs, diff_text`` (and ``diff_sd``, ``diff_ci95`` from two pairs); ``{}`` when no
+        seed is in both.
+    """
+    ref = {r["seed"]: r["dice"] for r in reference_rows}
+    pairs = [r["dice"] - ref[r["seed"]] for r in rows if r["seed"] in ref]
+    if not pairs:
+        return {}
+    diff, diff_sd = _mean_sd(pairs)
+    out = {"reference": reference, "diff": diff, "n_pairs": len(pairs), "diff_text": _text(diff, diff_sd, sign=True)}
+    if diff_sd is not None:
+        out["diff_sd"] = diff_sd
+        out["diff_ci95"] = ci95_half_width(diff_sd, len(pairs))
+        out["diff_text"] += f" (95 % CI {diff - out['diff_ci95']:+.{DICE_DIGITS}f} … " \
+            f"{diff + out['diff_ci95']:+.{DICE_DIGITS}f})"
+    return out
 
 
 def summary_table(summary: Sequence[Mapping[str, Any]], class_names: Mapping[str, Sequence[str]]) -> str:
     """Markdown: one table per task.
 
     Columns: method, k, seeds, Dice mean ± sd, the paired difference to the scratch run of the same network
-    (and which one), Dice per class.
+    (and which one), where control arms ran the paired difference to the network's initial encoder, Dice per
+    class.
     """
     parts = []
     for task, names in class_names.items():
@@ -250,6 +292,8 @@ def summary_table(summary: Sequence[Mapping[str, Any]], class_names: Mapping[str
         columns = [("method", "method", "s"), ("k", f"k ({rows[0]['unit']}s)", "d"), ("n_seeds", "seeds", "d"),
                    ("dice_text", "Dice mean ± sd", "s"), ("diff_text", "Δ vs scratch (paired)", "s"),
                    ("reference", "vs", "s")]
+        if any("control_diff_text" in r for r in rows):
+            columns.append(("control_diff_text", "Δ vs initial encoder (paired)", "s"))
         columns += [(f"dice_{name}", name, f".{DICE_DIGITS}f") for name in names]
         parts.append(f"### {task}\n\n" + format_table(rows, columns))
     return "\n\n".join(parts)
@@ -269,10 +313,11 @@ def _error_row(stage: str, task: str, method: str, error: Exception, **fields: A
 
 def _pretrain_all(cfg: TransferBenchConfig, tasks: Sequence[Task], work: Path, cache_dir: Path
                   ) -> tuple[dict[tuple[str, str], PretrainResult], list[dict[str, Any]]]:
-    """Pretrain every method once per distinct pretraining pool.
+    """Pretrain every method once per distinct pretraining pool; export the control arms' encoders.
 
     Returns:
-        ``{(task, method): result}`` (a failed run is left out, with an error row) and the record rows.
+        ``{(task, arm): result}`` for every method and control arm (a failed run is left out, with an error row)
+        and the record rows.
     """
     results: dict[tuple[str, str], PretrainResult] = {}
     rows = []
@@ -281,45 +326,91 @@ def _pretrain_all(cfg: TransferBenchConfig, tasks: Sequence[Task], work: Path, c
         pool = f"{task.modality}-{cfg.spacing(task.name):g}mm-{_pool_id(task)}"
         datalist = write_datalist(work / "pretrain" / pool / "datalist.json", {"training": task.pretrain},
                                   name=f"pretraining pool of {task.name}")
-        for method in cfg.methods:
-            if (pool, method) not in done:
-                overrides = pretraining_overrides(
-                    datalist=datalist, run_dir=work / "pretrain" / pool / method, cache_dir=cache_dir,
-                    preset=pretraining_preset(cfg.spacing(task.name), task.modality),
-                    backbone_size=cfg.backbone_size, roi=cfg.roi, batch_size=cfg.pretrain_batch,
-                    seed=cfg.pretrain_seed, extra=cfg.bundle_overrides.get(method),
-                )
-                saved = work / "pretrain" / pool / method / RESULT_FILE
+        jobs = [(method, method, cfg.pretrain_steps) for method in cfg.methods]
+        if cfg.initial_encoders:
+            firsts = _first_of_family(cfg, task, pool, datalist, work, cache_dir)
+            jobs += [(INIT_ARMS[family], method, 0) for family, method in firsts]
+        for arm, method, steps in jobs:
+            if (pool, arm) not in done:
                 try:
-                    if saved.is_file():  # the same record again: a finished run is not repeated
-                        fields = json.loads(saved.read_text())
-                        result = PretrainResult(**{**fields, "encoder": Path(fields["encoder"])})
-                    else:
-                        result = pretrain(method, overrides, steps=cfg.pretrain_steps)
-                        atomic_write_json(saved, {**asdict(result), "encoder": str(result.encoder)})
+                    done[(pool, arm)] = _pretrain_arm(cfg, task, pool, datalist, arm, method, steps, work, cache_dir)
                 except Exception as error:  # noqa: BLE001 - one failing method must not end a long benchmark
-                    done[(pool, method)] = None
-                    rows.append(_error_row("pretraining", task.name, method, error, pool=pool))
+                    done[(pool, arm)] = None
+                    rows.append(_error_row("pretraining", task.name, arm, error, pool=pool))
                     continue
-                done[(pool, method)] = result
+                result = done[(pool, arm)]
                 rows.append({
-                    "row": ROW_PRETRAIN, "method": method, "task": task.name, "pool": pool,
+                    "row": ROW_PRETRAIN, "method": arm, "bundle": method, "task": task.name, "pool": pool,
                     "pool_subjects": ",".join(sorted(e.get("subject", "") for e in task.pretrain)),
                     "steps": result.steps, "batch_size": cfg.pretrain_batch, "final_loss": result.final_loss,
                     "time_s": result.time_s, "export_target": result.export_target,
                 })
-            if done[(pool, method)] is not None:
-                results[(task.name, method)] = done[(pool, method)]
+            if done[(pool, arm)] is not None:
+                results[(task.name, arm)] = done[(pool, arm)]
+        for row in rows:  # how far pretraining moved each encoder from the start its control arm fine-tunes
+            start = results.get((task.name, INIT_ARMS.get(row.get("export_target"), "")))
+            if row["row"] == ROW_PRETRAIN and row["pool"] == pool and row["steps"] and start is not None:
+                row["encoder_change"] = weight_change(results[(task.name, row["method"])].encoder, start.encoder)
     return results, rows
+
+
+def _first_of_family(cfg: TransferBenchConfig, task: Task, pool: str, datalist: Path, work: Path, cache_dir: Path
+                     ) -> list[tuple[str, str]]:
+    """``(network family, method)``: the first method of each family with a control arm, in ``cfg.methods`` order.
+
+    A method's family is its bundle's export target.
+    """
+    firsts: dict[str, str] = {}
+    for method in cfg.methods:
+        overrides = _pretraining_overrides(cfg, task, pool, datalist, method, method, work, cache_dir)
+        firsts.setdefault(export_target(method, overrides), method)
+    return [(family, method) for family, method in firsts.items() if family in INIT_ARMS]
+
+
+def _pretraining_overrides(cfg: TransferBenchConfig, task: Task, pool: str, datalist: Path, arm: str, method: str,
+                           work: Path, cache_dir: Path) -> dict[str, Any]:
+    """``method``'s bundle settings for arm ``arm`` of ``pool`` (its run folder ``pretrain/<pool>/<arm>``)."""
+    return pretraining_overrides(
+        datalist=datalist, run_dir=work / "pretrain" / pool / arm, cache_dir=cache_dir,
+        preset=pretraining_preset(cfg.spacing(task.name), task.modality),
+        backbone_size=cfg.backbone_size, roi=cfg.roi, batch_size=cfg.pretrain_batch,
+        seed=cfg.pretrain_seed, extra=cfg.bundle_overrides.get(method),
+    )
+
+
+def _pretrain_arm(cfg: TransferBenchConfig, task: Task, pool: str, datalist: Path, arm: str, method: str,
+                  steps: int, work: Path, cache_dir: Path) -> PretrainResult:
+    """``method``'s bundle for ``steps`` steps (0: its encoder as built) as arm ``arm`` of ``pool``.
+
+    A result that a previous run of the same record left is read back instead.
+    """
+    saved = work / "pretrain" / pool / arm / RESULT_FILE
+    if saved.is_file():  # the same record again: a finished run is not repeated
+        fields = json.loads(saved.read_text())
+        return PretrainResult(**{**fields, "encoder": Path(fields["encoder"])})
+    overrides = _pretraining_overrides(cfg, task, pool, datalist, arm, method, work, cache_dir)
+    result = pretrain(method, overrides, steps=steps) if steps else initial_encoder(method, overrides)
+    atomic_write_json(saved, {**asdict(result), "encoder": str(result.encoder)})
+    return result
 
 
 def _arms(cfg: TransferBenchConfig, task: Task, encoders: Mapping[tuple[str, str], PretrainResult]
           ) -> list[tuple[str, str, PretrainResult | None]]:
-    """``(arm, network family, encoder)``: a scratch arm per family in use, then every pretrained method."""
+    """``(arm, network family, encoder)``: a scratch arm per family in use, the control arms, then the methods."""
     pretrained = [(m, encoders[(task.name, m)]) for m in cfg.methods if (task.name, m) in encoders]
     families = dict.fromkeys([SCRATCH_TARGET, *(e.export_target for _, e in pretrained)])
+    controls = [(INIT_ARMS[f], encoders.get((task.name, INIT_ARMS[f]))) for f in families if f in INIT_ARMS]
     return [*((SCRATCH_ARMS[f], f, None) for f in families if f in SCRATCH_ARMS),
+            *((arm, e.export_target, e) for arm, e in controls if e is not None),
             *((m, e.export_target, e) for m, e in pretrained)]
+
+
+def _pairing(arm: str, family: str, arms: Sequence[str]) -> dict[str, str]:
+    """The arms a run of ``arm`` is compared with: its family's scratch arm, and its control arm if one ran."""
+    pairing = {"network": family, "reference": SCRATCH_ARMS[family]}
+    if arm not in (*SCRATCH_ARMS.values(), *INIT_ARMS.values()) and INIT_ARMS.get(family) in arms:
+        pairing["control"] = INIT_ARMS[family]
+    return pairing
 
 
 def _finetune_all(cfg: TransferBenchConfig, task: Task, encoders: Mapping[tuple[str, str], PretrainResult],
@@ -352,7 +443,9 @@ def _finetune_arms(cfg: TransferBenchConfig, task: Task, arms: Sequence[tuple[st
     datalist = write_datalist(run_root / "datalist.json", {"training": units, "validation": units, "test": task.test},
                               name=task.name, labels=task.label_names)
     rows = []
+    names = [arm for arm, _, _ in arms]
     for arm, family, encoder in arms:
+        pairing = _pairing(arm, family, names)
         epochs = math.ceil(steps / k)
         recipe = FinetuneRecipe(
             backbone_size=cfg.backbone_size, roi=cfg.roi, epochs=epochs, samples=cfg.finetune_samples,
@@ -360,8 +453,8 @@ def _finetune_arms(cfg: TransferBenchConfig, task: Task, arms: Sequence[tuple[st
             encoder_lr_scale=cfg.encoder_lr_scale, freeze_encoder_epochs=int(cfg.freeze_encoder_fraction * epochs),
         )
         saved = run_root / arm / RESULT_FILE
-        if saved.is_file():  # the same record again: a finished run is not repeated
-            rows.append(json.loads(saved.read_text()))
+        if saved.is_file():  # the same record again: a finished run is not repeated (its pairing is today's)
+            rows.append({**json.loads(saved.read_text()), **pairing})
             continue
         logger.info("%s k=%d seed=%d steps=%d: fine-tuning %s from %s", task.name, k, seed, steps, family, arm)
         start = time.perf_counter()
@@ -374,7 +467,7 @@ def _finetune_arms(cfg: TransferBenchConfig, task: Task, arms: Sequence[tuple[st
             rows.append(_error_row("fine-tuning", task.name, arm, error, k=k, seed=seed, steps=steps))
             continue
         row = _run_row(task, arm, k, seed, units, report, time.perf_counter() - start, recipe)
-        rows.append({**row, "steps": steps, "network": family, "reference": SCRATCH_ARMS[family]})
+        rows.append({**row, "steps": steps, **pairing})
         atomic_write_json(saved, rows[-1])
         if not cfg.keep_models:
             (run_root / arm / MODEL_FILE).unlink(missing_ok=True)
@@ -425,7 +518,7 @@ def run(
     summary = aggregate(run_rows)
     if not summary:
         raise RuntimeError(f"every fine-tuning run failed: {[r['error'] for r in rows]}")
-    references = set(SCRATCH_ARMS.values())
+    references = {*SCRATCH_ARMS.values(), *INIT_ARMS.values()}
     baseline = BASELINE if BASELINE in cfg.methods else None
     full_budget = [r for r in summary if r["steps"] == cfg.finetune_steps]
     figure = plot_transfer(full_budget, output.with_suffix(".png"), references=references, baseline=baseline)

@@ -6,12 +6,15 @@ import math
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from medssl3d.bench import transfer
 from medssl3d.bench.figure import plot_budget_curve, plot_transfer
 from medssl3d.bench.finetune import network_overrides
+from medssl3d.bench.pretrain import weight_change
 from medssl3d.bench.suite import load_suite
 from medssl3d.bench.tasks import UNIT_CROP, UNIT_VOLUME, Task, normalise, split_subject, training_units
+from medssl3d.transfer.encoder_info import read_encoder_info
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -86,9 +89,37 @@ def test_suites_load_into_the_config(suite):
         assert ace["grid_n"] * ace["token_stride"] == cfg.roi
 
 
-def test_scratch_in_methods_is_refused():
-    with pytest.raises(ValueError, match="always run"):
-        load_suite(transfer.TransferBenchConfig, "transfer", "smoke", ["methods=[scratch]"])
+@pytest.mark.parametrize("arm", ["scratch", "init"])
+def test_an_arm_in_methods_is_refused(arm):
+    with pytest.raises(ValueError, match="arms of the benchmark"):
+        load_suite(transfer.TransferBenchConfig, "transfer", "smoke", [f"methods=[{arm}]"])
+
+
+def test_aggregate_pairs_a_method_with_its_control_arm_too():
+    runs = [{**_run(m, seed, dice, dice), "reference": "scratch", **({"control": "init"} if m == "m" else {})}
+            for m, seed, dice in [("scratch", 0, 0.5), ("scratch", 1, 0.6), ("init", 0, 0.55), ("init", 1, 0.75),
+                                  ("m", 0, 0.62), ("m", 1, 0.7)]]
+    rows = {r["method"]: r for r in transfer.aggregate(runs)}
+    assert rows["m"]["diff"] == pytest.approx(0.11) and rows["m"]["reference"] == "scratch"
+    # paired by seed: (0.62 - 0.55, 0.7 - 0.75)
+    assert rows["m"]["control"] == "init" and rows["m"]["control_diff"] == pytest.approx(0.01)
+    assert rows["m"]["control_diff_sd"] == pytest.approx(np.std([0.07, -0.05], ddof=1))
+    assert rows["m"]["control_n_pairs"] == 2 and rows["m"]["control_diff_text"].startswith("+0.010 ± 0.085")
+    assert rows["init"]["diff"] == pytest.approx(0.1) and "control" not in rows["init"]
+    table = transfer.summary_table(list(rows.values()), {"t": ["brain"]})
+    assert "Δ vs initial encoder" in table and "| +0.010 ± 0.085 (95 % CI" in table
+
+
+def test_weight_change_is_relative_over_weight_matrices(tmp_path):
+    start = {"w": torch.ones(2, 2), "bias": torch.zeros(2), "only_here": torch.ones(3, 3)}
+    moved = {"w": torch.ones(2, 2) + torch.tensor([[0.5, 0.5], [0.5, 0.5]]), "bias": torch.ones(2)}
+    torch.save({"state_dict": start}, tmp_path / "start.pt")
+    torch.save({"state_dict": moved}, tmp_path / "moved.pt")
+    # only "w" counts: |0.5 * 4| / |1 * 4| in L2 = 0.5; the bias and a tensor of one file are left out
+    assert weight_change(tmp_path / "moved.pt", tmp_path / "start.pt") == pytest.approx(0.5)
+    torch.save({"state_dict": {"bias": torch.ones(2)}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="share no weight matrix"):
+        weight_change(tmp_path / "other.pt", tmp_path / "start.pt")
 
 
 def test_network_follows_the_encoder():
@@ -225,3 +256,25 @@ def test_a_stopped_run_picks_up_where_it_stopped(tmp_path, monkeypatch):
         ("scratch", 0), ("swin_ssl", 0), ("scratch", 1), ("swin_ssl", 1)]
     assert runs[:2] == [r for r in first if r["row"] == "run"]
     assert [r for r in again if r["row"] == "pretrain"] == [r for r in first if r["row"] == "pretrain"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_control_arm_fine_tunes_the_shared_start_and_pairs_every_method_with_it(tmp_path):
+    out = tmp_path / "transfer.json"
+    path, table = transfer.run("smoke", out, [
+        "source=phantoms", "tasks=[phantom]", "methods=[swin_ssl]", "ks=[1]", "seeds=[0]", "pretrain_steps=2",
+        "pretrain_batch=1", "finetune_steps=1", "curve_fractions=[]", "initial_encoders=true",
+    ])
+    rows = json.loads(path.read_text())["results"]
+    pretrain = {r["method"]: r for r in rows if r["row"] == "pretrain"}
+    assert (pretrain["init"]["bundle"], pretrain["init"]["steps"], pretrain["swin_ssl"]["steps"]) == ("swin_ssl", 0, 2)
+    # two steps moved the encoder off the start the control arm fine-tunes
+    assert 0.0 < pretrain["swin_ssl"]["encoder_change"] < 1.0 and "encoder_change" not in pretrain["init"]
+    start = tmp_path / "transfer-runs" / "pretrain" / pretrain["init"]["pool"] / "init" / "models"
+    assert read_encoder_info(start / "encoder_swinunetr.pt")["steps"] == 0
+    runs = [r for r in rows if r["row"] == "run"]
+    assert [(r["method"], r["reference"], r.get("control")) for r in runs] == [
+        ("scratch", "scratch", None), ("init", "scratch", None), ("swin_ssl", "scratch", "init")]
+    summary = {r["method"]: r for r in rows if r["row"] == "summary"}
+    assert summary["swin_ssl"]["control_diff"] == pytest.approx(runs[2]["dice"] - runs[1]["dice"])
+    assert "Δ vs initial encoder" in table

@@ -107,3 +107,31 @@ def test_torchrun_two_gloo_processes(bundle, tmp_path):
     ckpt = load_checkpoint(tmp_path / "runs" / "checkpoints" / "last.pt")
     assert ckpt["step"] == QUICK_STEPS
     assert (tmp_path / "models" / f"encoder_{smoke_target_network(bundle)[0]}.pt").is_file()
+
+
+def initial_swin_encoder(bundle: str, smoke_dir: Path, seed: int) -> dict[str, torch.Tensor]:
+    """The Swin weights ``bundle`` exports before any step, its network built with ``seed``."""
+    wf = ConfigWorkflow(
+        config_file=configs(bundle, "train", "smoke"),
+        meta_file=str(BUNDLES / bundle / "configs" / "metadata.json"),
+        logging_file=False, workflow_type="train", bundle_root=str(BUNDLES / bundle), smoke_dir=str(smoke_dir),
+        seed=seed,
+    )
+    wf.initialize()
+    encoder = wf.parser.get_parsed_content("export")
+    wf.finalize()
+    assert read_encoder_info(encoder)["steps"] == 0
+    return {k: v for k, v in torch.load(encoder, weights_only=True)["state_dict"].items() if k.startswith("swinViT.")}
+
+
+def test_the_seed_fixes_the_encoder_every_swin_bundle_starts_from(tmp_path):
+    swin = [b for b in PRETRAIN_BUNDLES if smoke_target_network(b)[0] == "swinunetr"]
+    assert len(swin) >= 3
+    reference = initial_swin_encoder(swin[0], tmp_path / "first", seed=0)
+    for bundle in swin[1:]:
+        torch.rand(97)  # whatever ran before in the process does not change the start
+        weights = initial_swin_encoder(bundle, tmp_path / bundle, seed=0)
+        assert weights.keys() == reference.keys()
+        assert all(torch.equal(weights[k], reference[k]) for k in reference), bundle
+    other = initial_swin_encoder(swin[0], tmp_path / "other", seed=1)
+    assert not torch.equal(other["swinViT.patch_embed.proj.weight"], reference["swinViT.patch_embed.proj.weight"])
