@@ -151,7 +151,8 @@ def initial_encoder(method: str, overrides: Mapping[str, Any]) -> PretrainResult
     Returns:
         The export, with ``steps`` 0 and no loss.
     """
-    workflow = pretraining_workflow(method, overrides)
+    # before any step a method's teacher is its student: the student says so without a warning about the EMA
+    workflow = pretraining_workflow(method, {**overrides, "export_source": "student"})
     encoder = Path(workflow.parser.get_parsed_content("export"))
     result = PretrainResult(method=method, encoder=encoder,
                             export_target=str(workflow.parser.get_parsed_content("export_target")),

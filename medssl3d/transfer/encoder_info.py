@@ -36,6 +36,8 @@ __all__ = ["EXPORT_SOURCES", "describe_encoder", "encoder_run_info", "encoder_se
 
 EXPORT_SOURCES = ("teacher", "student")
 """Which network of a method an export hands over: the EMA teacher (where the method has one) or the student."""
+TEACHER_START_WARNING = 0.5
+"""An exported teacher that still gives its untrained start more weight than this is warned about."""
 FAMILY_BY_TARGET = {"swinunetr": "swin", "unetr": "vit"}
 PRESET_FIELDS = ("modality", "spacing", "axcodes", "scaling", "a_min", "a_max", "b_min", "b_max",
                  "lower_percentile", "upper_percentile")
@@ -112,15 +114,28 @@ def export_encoder(
         path: the encoder file to write.
         target: ``"swinunetr"``, ``"unetr"`` (or another target the method exports to).
         source: ``"teacher"`` / ``"student"``; ``None``: the method's default (the EMA teacher where it has one).
+            A teacher's description holds ``teacher_start_share``, the weight its initial state still has
+            (:meth:`~medssl3d.engine.trainer.Pretrainer.teacher_start_share`); above
+            :data:`TEACHER_START_WARNING` the export warns.
     """
     if not is_main_process():
         return None
     method = trainer.method
     source = source or method.default_export_source()
     state = method.export_state_dict(target, source=source)
+    share = trainer.teacher_start_share() if source == "teacher" else None
+    if share is not None and share > TEACHER_START_WARNING:
+        logger.warning(
+            "the exported teacher is an EMA that still gives %.0f %% of its weight to its initial (untrained) state "
+            "after %d steps (momentum %s): a longer run, or the student (export source 'student'), hands over "
+            "more of what was learned", 100 * share, trainer.step, trainer.config.ema_momentum,
+        )
     if not trainer.run_info:
         return atomic_torch_save(dict(state), path)
-    return save_encoder(state, path, describe_encoder(trainer.run_info, steps=trainer.step, source=source))
+    info = describe_encoder(trainer.run_info, steps=trainer.step, source=source)
+    if share is not None:
+        info["teacher_start_share"] = share
+    return save_encoder(state, path, info)
 
 
 def save_encoder(state: Mapping[str, Tensor], path: str | os.PathLike, info: Mapping[str, Any]) -> Path:

@@ -82,6 +82,25 @@ def test_teacher_follows_student_and_gets_no_gradients(tmp_path):
     assert all(not torch.equal(a, b) for a, b in pairs)
 
 
+def test_teacher_start_share_is_the_weight_its_start_keeps(tmp_path):
+    method = _toy()
+    with torch.no_grad():  # a teacher that starts at zero, and a student that lr = 1e-30 keeps where it is (fp32)
+        for p in method.teacher.parameters():
+            p.zero_()
+    trainer = Pretrainer(method, BlobVolumes(n=6), max_steps=3, out_dir=tmp_path, ema_momentum=(0.9, 0.99),
+                         lr=1e-30, min_lr=0.0, **FAST)
+    assert trainer.teacher_start_share() == 1.0
+    trainer.run()
+    share = trainer.teacher_start_share()
+    # momenta of steps 0, 1, 2 on the half-cosine from 0.9 to 0.99 over 3 steps
+    assert share == pytest.approx(np.prod([0.99 - 0.09 * (1 + np.cos(np.pi * s / 3)) / 2 for s in range(3)]))
+    # the teacher is share * start (zero) + (1 - share) * student
+    for student, teacher in zip(method.student.parameters(), method.teacher.parameters(), strict=True):
+        torch.testing.assert_close(teacher, (1 - share) * student)
+    assert Pretrainer(LinearToy(), BlobVolumes(n=4), max_steps=1, out_dir=tmp_path / "s", **FAST
+                      ).teacher_start_share() is None
+
+
 def test_nan_guard_keeps_last_checkpoint(tmp_path):
     method = _toy(nan_at_step=3)
     trainer = Pretrainer(method, BlobVolumes(n=8), max_steps=6, ckpt_every=2, out_dir=tmp_path, **FAST)

@@ -1,6 +1,7 @@
 """Encoders that describe themselves: saved description, bundle settings read from it, mismatches refused."""
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from medssl3d.transfer.encoder_info import (
     describe_encoder,
     encoder_run_info,
     encoder_setting,
+    export_encoder,
     fitting_encoder,
     read_encoder_info,
     save_encoder,
@@ -105,3 +107,28 @@ def test_describe_refuses_unknown_values():
         _info(export_target="resnet")
     with pytest.raises(ValueError, match="encoder_run_info"):
         describe_encoder({"method": "alice"}, steps=1, source="student")
+
+
+class _TeacherMethod:
+    def default_export_source(self):
+        return "teacher"
+
+    def export_state_dict(self, target, source):
+        return {"swinViT.patch_embed.proj.weight": torch.full((2, 2), 1.0 if source == "teacher" else 2.0)}
+
+
+@pytest.mark.parametrize(("share", "warned"), [(0.67, True), (0.02, False)])
+def test_an_exported_teacher_says_how_much_of_its_start_it_still_holds(tmp_path, caplog, share, warned):
+    run_info = encoder_run_info(method="alice", export_target="swinunetr", backbone_size="tiny",
+                                roi_size=(64, 64, 64), preset=preset_for("mri", 2.0))
+    trainer = SimpleNamespace(method=_TeacherMethod(), run_info=run_info, step=200, teacher_start_share=lambda: share,
+                              config=SimpleNamespace(ema_momentum=(0.996, 1.0)))
+    with caplog.at_level(logging.WARNING, logger="medssl3d.transfer.encoder_info"):
+        teacher = export_encoder(trainer, tmp_path / "teacher.pt", target="swinunetr")
+    info = read_encoder_info(teacher)
+    assert (info["source"], info["teacher_start_share"]) == ("teacher", share)
+    assert ("67 % of its weight to its initial" in caplog.text) is warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medssl3d.transfer.encoder_info"):
+        student = export_encoder(trainer, tmp_path / "student.pt", target="swinunetr", source="student")
+    assert "teacher_start_share" not in read_encoder_info(student) and caplog.text == ""
