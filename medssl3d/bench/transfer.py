@@ -19,8 +19,7 @@ For each task (:mod:`medssl3d.bench.tasks`):
 The record holds one row per pretraining run, one per fine-tuning run (task, method, k, seed, Dice per class
 and their mean), an ``error`` row for any run that failed (the others go on), and one row per (task, method,
 k) over seeds: mean, sd and the paired difference against its scratch arm with the same seed (and against its
-control arm). A PNG with the
-record's stem plots Dice and that difference against k.
+control arm). A PNG with the record's stem plots Dice and that difference against k.
 """
 
 from __future__ import annotations
