@@ -164,8 +164,9 @@ def initial_encoder(method: str, overrides: Mapping[str, Any]) -> PretrainResult
 def weight_change(encoder: str | os.PathLike, start: str | os.PathLike) -> float:
     """How far an encoder moved from its start: ``‖w − w₀‖ / ‖w₀‖`` over the weight matrices and kernels.
 
-    Only tensors of two or more axes that both files hold under the same name and shape count (norm scales and
-    biases start at constants and would dominate neither way).
+    Only floating-point tensors of two or more axes that both files hold under the same name and shape count:
+    norm scales and biases start at constants, and integer buffers (Swin's relative position index, values in
+    the thousands) are not weights and would swamp the norm.
 
     Raises:
         ValueError: a missing file, or no such tensor in common.
@@ -173,7 +174,7 @@ def weight_change(encoder: str | os.PathLike, start: str | os.PathLike) -> float
     moved, size = load_weights_file(encoder), load_weights_file(start)
     moved, size = moved.get(STATE_DICT_KEY, moved), size.get(STATE_DICT_KEY, size)
     pairs = [(moved[k].double(), w0.double()) for k, w0 in size.items()
-             if w0.dim() >= 2 and k in moved and moved[k].shape == w0.shape]
+             if w0.is_floating_point() and w0.dim() >= 2 and k in moved and moved[k].shape == w0.shape]
     if not pairs:
         raise ValueError(f"{str(encoder)!r} and {str(start)!r} share no weight matrix")
     change = sum(float((a - b).pow(2).sum()) for a, b in pairs)

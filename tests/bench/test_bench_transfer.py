@@ -111,11 +111,13 @@ def test_aggregate_pairs_a_method_with_its_control_arm_too():
 
 
 def test_weight_change_is_relative_over_weight_matrices(tmp_path):
-    start = {"w": torch.ones(2, 2), "bias": torch.zeros(2), "only_here": torch.ones(3, 3)}
-    moved = {"w": torch.ones(2, 2) + torch.tensor([[0.5, 0.5], [0.5, 0.5]]), "bias": torch.ones(2)}
+    index = torch.arange(16).reshape(4, 4) * 100  # an integer buffer, like Swin's relative position index
+    start = {"w": torch.ones(2, 2), "bias": torch.zeros(2), "only_here": torch.ones(3, 3), "index": index}
+    moved = {"w": torch.ones(2, 2) + torch.tensor([[0.5, 0.5], [0.5, 0.5]]), "bias": torch.ones(2), "index": index}
     torch.save({"state_dict": start}, tmp_path / "start.pt")
     torch.save({"state_dict": moved}, tmp_path / "moved.pt")
-    # only "w" counts: |0.5 * 4| / |1 * 4| in L2 = 0.5; the bias and a tensor of one file are left out
+    # only "w" counts: |0.5 * 4| / |1 * 4| in L2 = 0.5; the bias, the integer buffer and a tensor of one file are
+    # left out
     assert weight_change(tmp_path / "moved.pt", tmp_path / "start.pt") == pytest.approx(0.5)
     torch.save({"state_dict": {"bias": torch.ones(2)}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="share no weight matrix"):
