@@ -336,6 +336,7 @@ class Pretrainer:
             "rng": rng_states,
             "config": self.config.to_dict(),
             "run_info": self.run_info,
+            "export_source": self.method.default_export_source(),
             "world_size": dist_utils.world_size(),
         }
 
@@ -368,13 +369,16 @@ class Pretrainer:
         student states. A short run keeps most of the start: DINO's 0.996 → 1 over 200 steps leaves about 0.67.
 
         Returns:
-            ``Π_{s < step} m(s)`` (1.0 before the first step), or ``None`` for a method without a teacher.
+            ``Π_{s < step} m(s)`` (1.0 before the first step), or ``None`` for a method without a teacher. ``m``
+            is the method's :meth:`~medssl3d.methods.base.SSLMethod.teacher_momentum` of the engine's schedule.
         """
-        if not self.method.momentum_pairs():
+        method = self.method
+        if method.teacher_momentum(1.0) is None:
             return None
         if self.step == 0:
             return 1.0
-        return math.prod(cosine(s, self.total_steps, *self.config.ema_momentum) for s in range(self.step))
+        schedule = (cosine(s, self.total_steps, *self.config.ema_momentum) for s in range(self.step))
+        return math.prod(method.teacher_momentum(m) for m in schedule)
 
     def train_step(self, micro_batches: list[Any]) -> tuple[float, dict[str, torch.Tensor]]:
         """One optimizer step over ``micro_batches`` (accumulated), with schedules, clipping and EMA.

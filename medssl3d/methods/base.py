@@ -138,6 +138,13 @@ class SSLMethod(nn.Module, abc.ABC):
         """
         return [] if self.teacher is None else [(self.student, self.teacher)]
 
+    def teacher_momentum(self, engine_momentum: float) -> float | None:
+        """The momentum the teacher moves with at a step where the engine's EMA momentum is ``engine_momentum``.
+
+        Default: the engine's, where the engine updates a teacher (:meth:`momentum_pairs`); ``None`` without one.
+        """
+        return engine_momentum if self.momentum_pairs() else None
+
     def auxiliary_objectives(self) -> list[Auxiliary]:
         """Objectives with their own optimizer (none by default); called once by the engine."""
         return []

@@ -52,6 +52,8 @@ BACKBONE_PREFIXES = {"student": STUDENT_BACKBONE_PREFIX, "teacher": "teacher.bac
 """Where a method's state dict keeps each network's backbone (the teacher is the EMA copy, where there is one)."""
 CHECKPOINT_MODEL_KEY = "model"
 """The key of a pretraining checkpoint that holds the method's state dict."""
+CHECKPOINT_SOURCE_KEY = "export_source"
+"""The key of a pretraining checkpoint that names what its method exports by default (``student`` / ``teacher``)."""
 STATE_DICT_KEY = "state_dict"
 """The key of an encoder file (:mod:`medssl3d.transfer.encoder_info`) that holds the exported tensors."""
 ENCODER_INFO_KEY = "medssl3d_encoder"
@@ -167,10 +169,13 @@ def export_weights(
 
 
 def default_source(checkpoint: Mapping[str, Any]) -> str:
-    """What an export hands over when not told: the EMA teacher where the checkpoint keeps one, else the student.
+    """What an export hands over when not told: what the method said when the checkpoint was written.
 
-    The same rule as every pretraining bundle's export (:meth:`~medssl3d.methods.base.SSLMethod.default_export_source`).
+    The engine records :meth:`~medssl3d.methods.base.SSLMethod.default_export_source` in every checkpoint
+    (``export_source``); for an older checkpoint, the EMA teacher where it keeps one, else the student.
     """
+    if checkpoint.get(CHECKPOINT_SOURCE_KEY) in BACKBONE_PREFIXES:
+        return str(checkpoint[CHECKPOINT_SOURCE_KEY])
     model = checkpoint.get(CHECKPOINT_MODEL_KEY, checkpoint)
     teacher = BACKBONE_PREFIXES["teacher"]
     return "teacher" if isinstance(model, Mapping) and any(str(k).startswith(teacher) for k in model) else "student"

@@ -199,6 +199,18 @@ def test_engine_with_accumulation_moves_the_key_encoder_once_per_optimizer_step(
         torch.testing.assert_close(p, expected[name])  # moved twice it would sit at 0.25 K + 0.75 S
 
 
+def test_exports_the_query_encoder_and_reports_its_key_encoder_s_own_momentum(batch, tmp_path):
+    method = _perturbed_key_encoder()
+    assert method.default_export_source() == "student"  # MoCo hands over the query encoder
+    assert method.teacher_momentum(0.996) == 0.5  # the key encoder's own, not the engine's schedule
+    samples = [{k: v[i] for k, v in batch.items()} for i in range(2)]
+    trainer = Pretrainer(method, samples, max_steps=2, batch_size=1, out_dir=str(tmp_path), tensorboard=False)
+    trainer.run()
+    assert trainer.teacher_start_share() == pytest.approx(0.25)  # two updates at m = 0.5
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["export_source"] == "student"
+    assert _method(variant="barlow").teacher_momentum(0.996) is None
+
+
 def test_small_batches_are_refused_for_barlow_and_simsiam(batch):
     barlow, simsiam, moco = (DiraConfig(variant=v) for v in ("barlow", "simsiam", "moco"))
     with pytest.raises(ValueError, match=r"batch_size x world_size = 2 x 1 = 2 .*min_standardise_batch = 16"):

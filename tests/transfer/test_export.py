@@ -9,6 +9,7 @@ from medssl3d.networks.backbones import SwinBackbone, ViTBackbone
 from medssl3d.transfer.export import (
     STUDENT_BACKBONE_PREFIX,
     LoadReport,
+    default_source,
     export_weights,
     load_pretrained,
     load_pretrained_into,
@@ -166,3 +167,12 @@ def test_load_pretrained_into_scratch_and_bad_path(tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(ValueError, match="nope.pt"):
         load_pretrained_into(net, missing)
+
+
+def test_default_source_is_what_the_checkpoint_s_method_said():
+    model = {"student.backbone.w": torch.ones(1), "teacher.backbone.w": torch.ones(1)}
+    assert default_source({"model": model, "export_source": "student"}) == "student"  # DiRA: its query encoder
+    assert default_source({"model": model, "export_source": "teacher"}) == "teacher"
+    # a checkpoint from before the engine recorded it: the teacher where one is kept
+    assert default_source({"model": model}) == "teacher"
+    assert default_source({"model": {"student.backbone.w": torch.ones(1)}}) == "student"
