@@ -348,7 +348,8 @@ def _pretrain_all(cfg: TransferBenchConfig, tasks: Sequence[Task], work: Path, c
                 results[(task.name, arm)] = done[(pool, arm)]
         for row in rows:  # how far pretraining moved each encoder from the start its control arm fine-tunes
             start = results.get((task.name, INIT_ARMS.get(row.get("export_target"), "")))
-            if row["row"] == ROW_PRETRAIN and row["pool"] == pool and row["steps"] and start is not None:
+            if (row["row"] == ROW_PRETRAIN and row["pool"] == pool and row["steps"] and start is not None
+                    and "encoder_change" not in row):  # a pool shared with an earlier task is measured once
                 row["encoder_change"] = weight_change(results[(task.name, row["method"])].encoder, start.encoder)
     return results, rows
 

@@ -21,6 +21,8 @@ from medssl3d.data.atomic_files import atomic_open, atomic_torch_save, remove_st
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+#: The key naming what the checkpoint's method exports by default (``"student"`` / ``"teacher"``).
+EXPORT_SOURCE_KEY = "export_source"
 LAST_NAME = "last.pt"
 STEP_NAME = "step_{step:08d}.pt"
 #: Keys every checkpoint written by the engine holds.

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from medssl3d.engine import distributed as dist_utils
 from medssl3d.engine.checkpoint import (
+    EXPORT_SOURCE_KEY,
     FORMAT_VERSION,
     CheckpointManager,
     check_compatible,
@@ -336,7 +337,7 @@ class Pretrainer:
             "rng": rng_states,
             "config": self.config.to_dict(),
             "run_info": self.run_info,
-            "export_source": self.method.default_export_source(),
+            EXPORT_SOURCE_KEY: self.method.default_export_source(),
             "world_size": dist_utils.world_size(),
         }
 

@@ -127,8 +127,8 @@ def export_encoder(
     if share is not None and share > TEACHER_START_WARNING:
         logger.warning(
             "the exported teacher is an EMA that still gives %.0f %% of its weight to its initial (untrained) state "
-            "after %d steps (momentum %s): a longer run, or the student (export source 'student'), hands over "
-            "more of what was learned", 100 * share, trainer.step, trainer.config.ema_momentum,
+            "after %d steps: a longer run, or the student (export source 'student'), hands over more of what was "
+            "learned", 100 * share, trainer.step,
         )
     if not trainer.run_info:
         return atomic_torch_save(dict(state), path)

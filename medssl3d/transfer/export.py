@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from medssl3d.data.atomic_files import atomic_torch_save
+from medssl3d.engine.checkpoint import EXPORT_SOURCE_KEY
 from medssl3d.networks.backbones import EXPORT_TARGETS, NET_PREFIX, to_target_keys
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,6 @@ BACKBONE_PREFIXES = {"student": STUDENT_BACKBONE_PREFIX, "teacher": "teacher.bac
 """Where a method's state dict keeps each network's backbone (the teacher is the EMA copy, where there is one)."""
 CHECKPOINT_MODEL_KEY = "model"
 """The key of a pretraining checkpoint that holds the method's state dict."""
-CHECKPOINT_SOURCE_KEY = "export_source"
-"""The key of a pretraining checkpoint that names what its method exports by default (``student`` / ``teacher``)."""
 STATE_DICT_KEY = "state_dict"
 """The key of an encoder file (:mod:`medssl3d.transfer.encoder_info`) that holds the exported tensors."""
 ENCODER_INFO_KEY = "medssl3d_encoder"
@@ -174,8 +173,8 @@ def default_source(checkpoint: Mapping[str, Any]) -> str:
     The engine records :meth:`~medssl3d.methods.base.SSLMethod.default_export_source` in every checkpoint
     (``export_source``); for an older checkpoint, the EMA teacher where it keeps one, else the student.
     """
-    if checkpoint.get(CHECKPOINT_SOURCE_KEY) in BACKBONE_PREFIXES:
-        return str(checkpoint[CHECKPOINT_SOURCE_KEY])
+    if checkpoint.get(EXPORT_SOURCE_KEY) in BACKBONE_PREFIXES:
+        return str(checkpoint[EXPORT_SOURCE_KEY])
     model = checkpoint.get(CHECKPOINT_MODEL_KEY, checkpoint)
     teacher = BACKBONE_PREFIXES["teacher"]
     return "teacher" if isinstance(model, Mapping) and any(str(k).startswith(teacher) for k in model) else "student"

@@ -121,8 +121,7 @@ class _TeacherMethod:
 def test_an_exported_teacher_says_how_much_of_its_start_it_still_holds(tmp_path, caplog, share, warned):
     run_info = encoder_run_info(method="alice", export_target="swinunetr", backbone_size="tiny",
                                 roi_size=(64, 64, 64), preset=preset_for("mri", 2.0))
-    trainer = SimpleNamespace(method=_TeacherMethod(), run_info=run_info, step=200, teacher_start_share=lambda: share,
-                              config=SimpleNamespace(ema_momentum=(0.996, 1.0)))
+    trainer = SimpleNamespace(method=_TeacherMethod(), run_info=run_info, step=200, teacher_start_share=lambda: share)
     with caplog.at_level(logging.WARNING, logger="medssl3d.transfer.encoder_info"):
         teacher = export_encoder(trainer, tmp_path / "teacher.pt", target="swinunetr")
     info = read_encoder_info(teacher)
