@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,12 @@ DICE_REPORT = "dice_per_class.json"
 #: Network families of the segmentation bundle by the encoder they take.
 ARCH_BY_TARGET = {"swinunetr": "swinunetr", "unetr": "unetr"}
 SLIDING_WINDOW_BATCH = 1
+SNAPSHOT_DIR = "snapshots"
+
+
+def snapshot_file(epoch: int) -> str:
+    """The name MONAI's ``CheckpointSaver`` gives the network it keeps after ``epoch`` (bundle's ``snapshot_every``)."""
+    return f"model_epoch={epoch}.pt"
 
 
 @dataclass(frozen=True)
@@ -80,11 +87,14 @@ def finetune_and_test(
     *,
     export_target: str = "swinunetr",
     pretrained: str | os.PathLike | None = None,
-) -> dict[str, Any]:
+    snapshot_epochs: Sequence[int] = (),
+) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
     """Fine-tune on the ``training`` split, keep the model of the last validation, test on the ``test`` split.
 
     Validation runs once, after the last epoch (the bundle saves ``models/model.pt`` on validation), on the
-    ``validation`` split; the test split is only seen by the evaluation.
+    ``validation`` split; the test split is only seen by the evaluation. The networks of ``snapshot_epochs``
+    (kept by the bundle's ``snapshot_every``) are tested too: a curve of Dice against training length from the
+    one run, each point the same run stopped earlier (its learning rate not yet decayed).
 
     Args:
         run_dir: the run's folder (``models/``, ``eval/``).
@@ -94,11 +104,19 @@ def finetune_and_test(
         recipe: lengths and sizes.
         export_target: the encoder's family (``"swinunetr"`` or ``"unetr"``); also the network for scratch.
         pretrained: encoder weights to start from; ``None`` trains from scratch.
+        snapshot_epochs: epochs (before the last) whose network is tested as well.
 
     Returns:
-        The bundle's Dice report on the test split: ``{"per_class": {name: dice}, "mean": ..., "cases": [...]}``.
+        ``(report, {epoch: report})``: the bundle's Dice report on the test split (``{"per_class": {name: dice},
+        "mean": ..., "cases": [...]}``) for the final model and for each snapshot.
+
+    Raises:
+        ValueError: a snapshot epoch outside ``1 .. recipe.epochs - 1``.
     """
     run_dir = Path(run_dir)
+    snapshot_epochs = sorted(set(snapshot_epochs))
+    if any(not 0 < e < recipe.epochs for e in snapshot_epochs):
+        raise ValueError(f"snapshot epochs must lie in 1 .. {recipe.epochs - 1}, got {snapshot_epochs}")
     overrides = {
         **network_overrides(export_target, recipe.backbone_size, recipe.roi),
         "datalist": str(datalist),
@@ -117,9 +135,21 @@ def finetune_and_test(
         "val_interval": recipe.epochs,
         "seed": recipe.seed,
         "train#trainer#max_epochs": recipe.epochs,
+        # every epoch of the curve is a multiple of the interval the bundle keeps networks at
+        "snapshot_every": math.gcd(*snapshot_epochs),
         # a benchmark run starts afresh: the state a stopped run left in its folder is not resumed
         "resume": False,
     }
     run_workflow(SEGMENTATION_BUNDLE, ["train"], "train", overrides)
-    run_workflow(SEGMENTATION_BUNDLE, ["train", "evaluate"], "train", {**overrides, "eval_split": "test"})
-    return json.loads((run_dir / "eval" / DICE_REPORT).read_text())
+    report = _test(overrides, run_dir / "eval")
+    snapshots = run_dir / "models" / SNAPSHOT_DIR
+    curve = {e: _test({**overrides, "eval_checkpoint": str(snapshots / snapshot_file(e))}, run_dir / f"eval_epoch{e}")
+             for e in snapshot_epochs}
+    return report, curve
+
+
+def _test(overrides: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
+    """The Dice report of the segmentation bundle's evaluation on the ``test`` split, written to ``output_dir``."""
+    run_workflow(SEGMENTATION_BUNDLE, ["train", "evaluate"], "train",
+                 {**overrides, "eval_split": "test", "output_dir": str(output_dir)})
+    return json.loads((output_dir / DICE_REPORT).read_text())

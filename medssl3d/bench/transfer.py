@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from medssl3d.bench.figure import plot_budget_curve, plot_transfer
-from medssl3d.bench.finetune import FinetuneRecipe, finetune_and_test
+from medssl3d.bench.finetune import SNAPSHOT_DIR, FinetuneRecipe, finetune_and_test
 from medssl3d.bench.pretrain import (
     PretrainResult,
     export_target,
@@ -83,6 +83,8 @@ MODEL_FILE = Path("models") / "model.pt"
 #: Each finished pretraining and fine-tuning run leaves its row here: run again with the same record (``-o``),
 #: the benchmark picks up where it stopped.
 RESULT_FILE = "result.json"
+#: Rows of a run's snapshots (the curve), beside its :data:`RESULT_FILE`.
+CURVE_FILE = "curve.json"
 DICE_DIGITS = 3
 
 
@@ -110,8 +112,8 @@ class TransferBenchConfig:
         encoder_lr_scale: the bundle's ``encoder_lr_scale`` (pretrained arms).
         freeze_encoder_fraction: the bundle's ``freeze_encoder_epochs`` (pretrained arms) as a fraction of each
             run's epochs, rounded down.
-        curve_fractions: fractions of ``finetune_steps`` also run at the smallest k, for the figure of Dice
-            against fine-tuning steps (each a run of its own length, its schedule fitted to it).
+        curve_fractions: fractions of ``finetune_steps`` at which the smallest k's runs are also tested, for the
+            figure of Dice against fine-tuning steps (the network each run kept at that point: one run per curve).
         crop_mm: side of a labelled crop (crop tasks).
         keep_models: keep every fine-tuned ``models/model.pt`` (off: deleted once tested; a ``full`` suite makes
             a few hundred base-size models, hundreds of MB each).
@@ -419,25 +421,28 @@ def _finetune_all(cfg: TransferBenchConfig, task: Task, encoders: Mapping[tuple[
     preset = finetune_preset(task, cfg.spacing(task.name))
     arms = _arms(cfg, task, encoders)
     rows = []
-    smallest_k = min(cfg.ks)
     for k in cfg.ks:
         if task.max_k is not None and k > task.max_k:
             logger.info("%s: skipping k=%d (the task has %d labelled volumes)", task.name, k, task.max_k)
             continue
-        budgets = [cfg.finetune_steps]
-        if k == smallest_k:
-            shorter = {max(1, round(f * cfg.finetune_steps)) for f in cfg.curve_fractions}
-            budgets = sorted(shorter | {cfg.finetune_steps})
+        curve = cfg.curve_fractions if k == min(cfg.ks) else ()
         for seed in cfg.seeds:
             units = training_units(task, k, seed, work / "tasks" / task.name / "crops", cfg.crop_mm)
-            for steps in budgets:
-                rows += _finetune_arms(cfg, task, arms, units, preset, k, seed, steps, work)
+            rows += _finetune_arms(cfg, task, arms, units, preset, k, seed, curve, work)
     return rows
 
 
+def _snapshot_epochs(fractions: Sequence[float], epochs: int) -> list[int]:
+    """The epochs of a run of ``epochs`` at which the curve tests it: each fraction rounded, at least 1, before the end."""
+    return sorted({e for e in (max(1, round(f * epochs)) for f in fractions) if e < epochs})
+
+
 def _finetune_arms(cfg: TransferBenchConfig, task: Task, arms: Sequence[tuple[str, str, PretrainResult | None]],
-                   units: Sequence[dict], preset, k: int, seed: int, steps: int, work: Path) -> list[dict[str, Any]]:
-    """Every arm of one (k, seed, budget) on the same labelled units; one row each (an error row for a failure)."""
+                   units: Sequence[dict], preset, k: int, seed: int, curve: Sequence[float],
+                   work: Path) -> list[dict[str, Any]]:
+    """Every arm of one (k, seed) on the same labelled units: a row each (an error row for a failure), and a row
+    for each of its snapshots at the ``curve`` fractions of the run."""
+    steps = cfg.finetune_steps
     run_root = work / "finetune" / task.name / f"k{k}" / f"seed{seed}" / f"steps{steps}"
     # validation (which picks the saved model) re-uses the labelled units: the test data stays unseen
     datalist = write_datalist(run_root / "datalist.json", {"training": units, "validation": units, "test": task.test},
@@ -452,41 +457,51 @@ def _finetune_arms(cfg: TransferBenchConfig, task: Task, arms: Sequence[tuple[st
             lr=cfg.finetune_lr, seed=seed, warmup_epochs=cfg.finetune_warmup_fraction * epochs,
             encoder_lr_scale=cfg.encoder_lr_scale, freeze_encoder_epochs=int(cfg.freeze_encoder_fraction * epochs),
         )
-        saved = run_root / arm / RESULT_FILE
-        if saved.is_file():  # the same record again: a finished run is not repeated (its pairing is today's)
-            rows.append({**json.loads(saved.read_text()), **pairing})
+        snapshots = _snapshot_epochs(curve, epochs)
+        saved, saved_curve = run_root / arm / RESULT_FILE, run_root / arm / CURVE_FILE
+        # the same record again: a finished run is not repeated (its pairing is today's)
+        done = json.loads(saved_curve.read_text()) if snapshots and saved_curve.is_file() else []
+        if saved.is_file() and [r["epochs"] for r in done] == snapshots:
+            rows += [{**row, **pairing} for row in [*done, json.loads(saved.read_text())]]
             continue
         logger.info("%s k=%d seed=%d steps=%d: fine-tuning %s from %s", task.name, k, seed, steps, family, arm)
         start = time.perf_counter()
         try:
-            report = finetune_and_test(
+            report, reports = finetune_and_test(
                 run_root / arm, datalist, task.label_names, preset, recipe, export_target=family,
-                pretrained=encoder.encoder if encoder else None,
+                pretrained=encoder.encoder if encoder else None, snapshot_epochs=snapshots,
             )
         except Exception as error:  # noqa: BLE001 - one failing run must not end a long benchmark
             rows.append(_error_row("fine-tuning", task.name, arm, error, k=k, seed=seed, steps=steps))
             continue
-        row = _run_row(task, arm, k, seed, units, report, time.perf_counter() - start, recipe)
-        rows.append({**row, "steps": steps, **pairing})
-        atomic_write_json(saved, rows[-1])
+        # a snapshot's steps count its iterations as the run's do: one labelled unit each
+        curve_rows = [{**_run_row(task, arm, k, seed, units, reports[e], e), "steps": e * k, "snapshot_of": steps,
+                       **pairing} for e in snapshots]
+        row = {**_run_row(task, arm, k, seed, units, report, epochs), "time_s": time.perf_counter() - start,
+               "steps": steps, **pairing}
+        if snapshots:
+            atomic_write_json(saved_curve, curve_rows)
+        atomic_write_json(saved, row)
+        rows += [*curve_rows, row]
         if not cfg.keep_models:
             (run_root / arm / MODEL_FILE).unlink(missing_ok=True)
+            for snapshot in (run_root / arm / MODEL_FILE.parent / SNAPSHOT_DIR).glob("*.pt"):
+                snapshot.unlink()
     return rows
 
 
 def _run_row(task: Task, method: str, k: int, seed: int, units: Sequence[dict], report: Mapping[str, Any],
-             seconds: float, recipe: FinetuneRecipe) -> dict[str, Any]:
+             epochs: int) -> dict[str, Any]:
     per_class = report["per_class"]
     row: dict[str, Any] = {
         "row": ROW_RUN, "task": task.name, "method": method, "k": k, "seed": seed, "unit": task.unit,
-        "train_cases": ",".join(u["case"] for u in units), "epochs": recipe.epochs,
+        "train_cases": ",".join(u["case"] for u in units), "epochs": epochs,
     }
     # a class absent from both the test label and the prediction has no Dice: recorded as a string
     row.update({f"dice_{name}": per_class.get(name) if per_class.get(name) is not None else "absent"
                 for name in task.class_names})
     numbers = [v for v in per_class.values() if v is not None]
     row["dice"] = statistics.fmean(numbers) if numbers else 0.0
-    row["time_s"] = seconds
     return row
 
 

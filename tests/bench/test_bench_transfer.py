@@ -219,9 +219,10 @@ def test_run_on_phantoms_writes_record_table_and_figure(tmp_path):
     rows = record["results"]
     assert [r["row"] for r in rows] == ["pretrain", *["run"] * 4, *["summary"] * 4]
     runs = [r for r in rows if r["row"] == "run"]
-    # the curve's shorter run and the full budget, each with both arms
-    assert [(r["method"], r["steps"], r["epochs"]) for r in runs] == [
-        ("scratch", 1, 1), ("swin_ssl", 1, 1), ("scratch", 2, 2), ("swin_ssl", 2, 2)]
+    # each arm's run tested at the curve's point (its network after one of two steps) and at its end
+    assert [(r["method"], r["steps"], r["epochs"], r.get("snapshot_of")) for r in runs] == [
+        ("scratch", 1, 1, 2), ("scratch", 2, 2, None), ("swin_ssl", 1, 1, 2), ("swin_ssl", 2, 2, None)]
+    assert ["time_s" in r for r in runs] == [False, True, False, True]
     classes = [k for k in runs[0] if k.startswith("dice_")]
     assert len(classes) == 6  # the phantom's foreground structures
     for row in rows:
@@ -236,7 +237,10 @@ def test_run_on_phantoms_writes_record_table_and_figure(tmp_path):
     assert record["config"]["figures"] == ["transfer.png", "transfer-steps.png"]
     runs_dir = tmp_path / "transfer-runs" / "finetune" / "phantom" / "k1" / "seed0" / "steps2"
     assert (runs_dir / "swin_ssl" / "eval" / "dice_per_class.json").is_file()
-    assert not (runs_dir / "swin_ssl" / "models" / "model.pt").exists()  # keep_models is off
+    assert (runs_dir / "swin_ssl" / "eval_epoch1" / "dice_per_class.json").is_file()
+    # keep_models is off: neither the model nor its snapshots stay
+    assert not (runs_dir / "swin_ssl" / "models" / "model.pt").exists()
+    assert not list((runs_dir / "swin_ssl" / "models").rglob("*.pt"))
     assert "### phantom" in table and "Δ vs scratch" in table
 
 

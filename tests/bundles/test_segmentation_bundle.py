@@ -168,6 +168,36 @@ def test_evaluate_writes_dice_per_class(trained):
     assert (trained / "smoke" / "eval" / "val_mean_dice_raw.csv").is_file()
 
 
+def test_snapshots_keep_the_network_of_each_interval_and_evaluate_reads_the_one_named(run_dir):
+    root = run_dir / "snapshots"
+    # validation (which saves models/model.pt) only after the last epoch: model.pt is the last network
+    train = workflow(["train", "smoke"], "train", bundle_root=str(root), snapshot_every=1, val_interval=2,
+                     **{**QUICK_TRAIN, "train#trainer#max_epochs": 2})
+    train.initialize()
+    train.run()
+    train.finalize()
+    models = root / "smoke" / "models"
+    kept = {p.name: torch.load(p, map_location="cpu", weights_only=True) for p in (models / "snapshots").glob("*.pt")}
+    assert sorted(kept) == ["model_epoch=1.pt", "model_epoch=2.pt"]
+    last = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    assert all(torch.equal(last[k], v) for k, v in kept["model_epoch=2.pt"].items())
+    assert not all(torch.equal(last[k], v) for k, v in kept["model_epoch=1.pt"].items())
+
+    def evaluate(checkpoint: Path | None, output: str) -> dict:
+        ids = {"eval_checkpoint": str(checkpoint)} if checkpoint else {}
+        wf = workflow(["train", "smoke", "evaluate"], "train", bundle_root=str(root),
+                      output_dir=str(root / output), **ids)
+        wf.initialize()
+        wf.run()
+        wf.finalize()
+        return json.loads((root / output / "dice_per_class.json").read_text())
+
+    assert evaluate(models / "snapshots" / "model_epoch=2.pt", "eval2")["per_class"] == evaluate(None, "eval")["per_class"]
+    with pytest.raises(Exception) as failure:  # noqa: PT011 - MONAI wraps the loader's error in its own
+        evaluate(models / "snapshots" / "model_epoch=7.pt", "eval7")
+    assert isinstance(failure.value.__cause__, FileNotFoundError) and "model_epoch=7.pt" in str(failure.value.__cause__)
+
+
 def test_inference_writes_prediction_on_input_grid(trained):
     phantom = make_phantom(
         shape=INFER_SHAPE, spacing=INFER_SPACING, rotation_deg=INFER_ROTATION, origin=INFER_ORIGIN, seed=7
