@@ -433,15 +433,17 @@ def _finetune_all(cfg: TransferBenchConfig, task: Task, encoders: Mapping[tuple[
 
 
 def _snapshot_epochs(fractions: Sequence[float], epochs: int) -> list[int]:
-    """The epochs of a run of ``epochs`` at which the curve tests it: each fraction rounded, at least 1, before the end."""
+    """The epochs of a run of ``epochs`` at which the curve tests it: each fraction rounded, 1 to ``epochs - 1``."""
     return sorted({e for e in (max(1, round(f * epochs)) for f in fractions) if e < epochs})
 
 
 def _finetune_arms(cfg: TransferBenchConfig, task: Task, arms: Sequence[tuple[str, str, PretrainResult | None]],
                    units: Sequence[dict], preset, k: int, seed: int, curve: Sequence[float],
                    work: Path) -> list[dict[str, Any]]:
-    """Every arm of one (k, seed) on the same labelled units: a row each (an error row for a failure), and a row
-    for each of its snapshots at the ``curve`` fractions of the run."""
+    """Every arm of one (k, seed) on the same labelled units: a row each (an error row for a failure).
+
+    Each run is also tested at the ``curve`` fractions of its length: a row for each of those snapshots.
+    """
     steps = cfg.finetune_steps
     run_root = work / "finetune" / task.name / f"k{k}" / f"seed{seed}" / f"steps{steps}"
     # validation (which picks the saved model) re-uses the labelled units: the test data stays unseen
