@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -254,7 +253,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input is reported in one line naming the file; a traceback is only noise for users.
         logger.error("%s", err)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -196,10 +196,10 @@ def under_torchrun() -> bool:
 
 
 def torchrun_command(request: PretrainRequest, datalist: Path) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc_per_node N -m medssl3d.cli pretrain ...``."""
+    """``python -m torch.distributed.run --standalone --nproc_per_node N -m medssl3d pretrain ...``."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(request.gpus),
-        "-m", "medssl3d.cli", *request.argv(datalist),
+        "-m", "medssl3d", *request.argv(datalist),
     ]
 
 

@@ -18,7 +18,7 @@ from medssl3d.networks.backbones import SwinBackbone
 
 def medssl3d(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "medssl3d.cli", *args], capture_output=True, encoding="utf-8", cwd=cwd, timeout=300
+        [sys.executable, "-m", "medssl3d", *args], capture_output=True, encoding="utf-8", cwd=cwd, timeout=300
     )
 
 

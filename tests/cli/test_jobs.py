@@ -38,7 +38,7 @@ FINETUNE = ("--set", "num_workers=0", "--set", "num_samples=1", "--set", "sw_bat
 
 
 def medssl3d(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medssl3d.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "medssl3d", *map(str, args)], capture_output=True,
                           encoding="utf-8", cwd=cwd, env=ENV, timeout=600)
 
 
@@ -171,7 +171,7 @@ def test_dry_runs_print_the_resolved_config_and_run_nothing(work, dataset, pretr
                     if line.startswith("  ") and len(line.split(None, 1)) == 2)
     assert resolved["method#paste_cutout"].startswith("false") and resolved["backbone_size"] == '"tiny"'
     assert resolved["method#gather_distributed"].startswith("true")  # the multi-GPU overlay
-    assert "torch.distributed.run --standalone --nproc_per_node 2 -m medssl3d.cli pretrain swin_ssl" in done.stdout
+    assert "torch.distributed.run --standalone --nproc_per_node 2 -m medssl3d pretrain swin_ssl" in done.stdout
     assert not out.exists()  # nothing written, nothing trained
 
     encoder = pretrain_run[0] / "models" / "encoder_swinunetr.pt"

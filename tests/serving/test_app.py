@@ -143,7 +143,7 @@ def test_server_binds_loopback_unless_asked(bundle, fake_env, tmp_path):
 
 def test_cli_refuses_remote_host_in_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "medssl3d.cli", "label-server", str(tmp_path), "--host", "0.0.0.0"],
+        [sys.executable, "-m", "medssl3d", "label-server", str(tmp_path), "--host", "0.0.0.0"],
         capture_output=True, encoding="utf-8", check=False,
     )
     assert result.returncode == 2
