@@ -32,6 +32,11 @@ SLIDING_WINDOW_BATCH = 1
 SNAPSHOT_DIR = "snapshots"
 
 
+def snapshot_dir(run_dir: str | os.PathLike) -> Path:
+    """Where a run of :func:`finetune_and_test` in ``run_dir`` keeps its snapshots (the bundle's ``ckpt_dir``)."""
+    return Path(run_dir) / "models" / SNAPSHOT_DIR
+
+
 def snapshot_file(epoch: int) -> str:
     """The name MONAI's ``CheckpointSaver`` gives the network it keeps after ``epoch`` (bundle's ``snapshot_every``)."""
     return f"model_epoch={epoch}.pt"
@@ -142,7 +147,7 @@ def finetune_and_test(
     }
     run_workflow(SEGMENTATION_BUNDLE, ["train"], "train", overrides)
     report = _test(overrides, run_dir / "eval")
-    snapshots = run_dir / "models" / SNAPSHOT_DIR
+    snapshots = snapshot_dir(run_dir)
     curve = {e: _test({**overrides, "eval_checkpoint": str(snapshots / snapshot_file(e))}, run_dir / f"eval_epoch{e}")
              for e in snapshot_epochs}
     return report, curve

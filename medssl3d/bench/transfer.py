@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from medssl3d.bench.figure import plot_budget_curve, plot_transfer
-from medssl3d.bench.finetune import SNAPSHOT_DIR, FinetuneRecipe, finetune_and_test
+from medssl3d.bench.finetune import FinetuneRecipe, finetune_and_test, snapshot_dir
 from medssl3d.bench.pretrain import (
     PretrainResult,
     export_target,
@@ -487,7 +487,7 @@ def _finetune_arms(cfg: TransferBenchConfig, task: Task, arms: Sequence[tuple[st
         rows += [*curve_rows, row]
         if not cfg.keep_models:
             (run_root / arm / MODEL_FILE).unlink(missing_ok=True)
-            for snapshot in (run_root / arm / MODEL_FILE.parent / SNAPSHOT_DIR).glob("*.pt"):
+            for snapshot in snapshot_dir(run_root / arm).glob("*.pt"):
                 snapshot.unlink()
     return rows
 
