@@ -14,11 +14,12 @@ preprocessed volumes share one orientation, and the registration absorbs their d
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,8 @@ INVERSE_ITERATIONS = 10
 """Fixed-point iterations inverting ``x -> A x + b + d(x)`` (exact in one for a pure affine)."""
 DEFAULT_MEMORY_CACHE = 256
 """Case transforms kept in memory (small: a 4x4 matrix and an optional coarse field)."""
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""2: registrations run wholly on ``threads`` (version 1 let SimpleITK's global default decide part)."""
 HASH_CHARS = 20
 
 
@@ -150,6 +152,24 @@ def _affine_matrix(t: sitk.AffineTransform) -> np.ndarray:
     return m
 
 
+@contextlib.contextmanager
+def _simpleitk_threads(threads: int | None) -> Iterator[None]:
+    """Run every SimpleITK call inside on ``threads`` threads (None: leave SimpleITK's default).
+
+    ``ImageRegistrationMethod.SetNumberOfThreads`` does not reach all of the registration's filters; the rest use
+    the process-wide default, whose thread pool splits sums by load, so that the result changes from run to run.
+    """
+    if threads is None:
+        yield
+        return
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+
+
 def _method(iterations: int, threads: int | None, bins: int) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
@@ -183,11 +203,19 @@ def register_to_template(
         bspline_iterations: L-BFGS-B iterations of the B-spline stage (per pyramid level).
         bspline_mesh: B-spline control-grid cells per axis.
         histogram_bins: Mattes MI bins.
-        threads: SimpleITK threads (1 in DataLoader workers avoids oversubscription; None: its default).
+        threads: SimpleITK threads (1 in DataLoader workers avoids oversubscription; None: SimpleITK's default,
+            whose results vary from run to run).
 
     Returns:
         The case's :class:`CaseTransform`.
     """
+    with _simpleitk_threads(threads):
+        return _register(case, template, bspline, affine_iterations, bspline_iterations, bspline_mesh,
+                         histogram_bins, threads)
+
+
+def _register(case: sitk.Image, template: sitk.Image, bspline: bool, affine_iterations: int, bspline_iterations: int,
+              bspline_mesh: int, histogram_bins: int, threads: int | None) -> CaseTransform:
     initial = sitk.CenteredTransformInitializer(
         case, template, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
